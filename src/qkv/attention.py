@@ -1,0 +1,255 @@
+"""``qkv.attention``: validate once, pick a backend, dispatch. ``qkv.explain`` says which and why."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+
+from torch import Tensor
+
+from . import backends
+from .backends.base import Request
+from .masks import MaskLike, as_mask
+from .scores import ScoreMod, ScoreModFn, as_score_mod
+
+__all__ = ["Explanation", "attention", "explain"]
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike | None = ...,
+    score_mod: ScoreMod | ScoreModFn | None = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    backend: str = ...,
+    return_weights: Literal[False] = ...,
+    **options: Any,
+) -> Tensor: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike | None = ...,
+    score_mod: ScoreMod | ScoreModFn | None = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    backend: str = ...,
+    return_weights: Literal[True],
+    **options: Any,
+) -> tuple[Tensor, Tensor]: ...
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike | None = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    return_weights: bool = False,
+    **options: Any,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention, ``softmax(q kᵀ · scale + score_mod, masked) v``.
+
+    Args:
+        q: queries ``(B, H, Lq, D)``. Leading dims may be dropped: ``(H, Lq, D)`` or ``(Lq, D)``,
+            the same for ``k`` and ``v``.
+        k: keys ``(B, Hkv, Lk, D)``. ``H % Hkv == 0``: ``Hkv < H`` is grouped-query attention
+            (query head ``h`` uses key head ``h // (H // Hkv)``), ``Hkv == 1`` multi-query.
+        v: values ``(B, Hkv, Lk, Dv)``; ``Dv`` may differ from ``D``.
+        mask: which pairs may meet: a :class:`qkv.masks.Mask` (``causal()``,
+            ``sliding_window(256)``, ``document(ids) & causal()``, ...), a bool tensor
+            broadcastable to ``(B, H, Lq, Lk)`` (True = may attend), or a FlexAttention
+            ``mask_mod(b, h, q_idx, kv_idx)``. When ``Lq != Lk`` positional masks are aligned
+            bottom-right: query ``i`` stands at key position ``i + Lk - Lq``, so ``causal()`` lets it
+            see keys ``j <= i + Lk - Lq`` (decoding with a KV cache).
+        score_mod: changes scores before the softmax: a :class:`qkv.scores.ScoreMod`
+            (``alibi(H)``, ``softcap(30)``, ``bias(t)``, ...) or a FlexAttention
+            ``score_mod(score, b, h, q_idx, kv_idx)``.
+        scale: multiplies ``q kᵀ``; defaults to ``1 / sqrt(D)``.
+        dropout_p: dropout on the attention weights, in ``[0, 1)``; applied whenever it is > 0
+            (pass 0 at evaluation time, as with ``F.scaled_dot_product_attention``).
+        backend: ``"auto"`` (the fastest backend that supports the request; see
+            :func:`explain`) or one of ``qkv.BACKENDS``.
+        return_weights: also return the attention weights ``(B, H, Lq, Lk)``.
+        **options: backend-specific options (each backend documents its own).
+
+    Returns:
+        ``out (B, H, Lq, Dv)`` in the dtype of ``q``, and with ``return_weights`` the weights
+        ``(B, H, Lq, Lk)``. A query that may attend to nothing gets zeros (and zero gradient),
+        never NaN. Half and bfloat16 inputs accumulate in float32.
+
+    Raises:
+        TypeError: inputs that are not floating-point tensors of one dtype, a mask or score mod of
+            the wrong kind.
+        ValueError: shapes that do not fit together (each message names the argument and the
+            shapes it got), an unknown backend, ``dropout_p`` outside ``[0, 1)``.
+        NotImplementedError: a named backend that cannot serve this request (the message says why
+            and which backend can).
+    """
+    req, squeeze = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options)
+    if backend == "auto":
+        name, _ = _plan(req)
+    else:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        impl = backends.get(backend)
+        if not impl.available():
+            raise ValueError(
+                f"backend {backend!r} is not available on this machine; available: {', '.join(backends.available())}"
+            )
+        why = impl.supports(req)
+        if why is not None:
+            alt, _ = _plan(req)
+            raise NotImplementedError(f"backend {backend!r} cannot serve this request: {why}; backend {alt!r} can")
+        name = backend
+    unknown = set(req.options) - backends.get(name).options
+    if unknown:
+        raise TypeError(f"backend {name!r} does not take the option(s) {', '.join(sorted(unknown))}")
+    result = _edge_case(req) if req.Lq == 0 or req.Lk == 0 else backends.get(name).run(req)
+    if squeeze:
+        if isinstance(result, tuple):
+            return _unsqueeze_back(result[0], squeeze), _unsqueeze_back(result[1], squeeze)
+        return _unsqueeze_back(result, squeeze)
+    return result
+
+
+def _unsqueeze_back(t: Tensor, n: int) -> Tensor:
+    for _ in range(n):
+        t = t.squeeze(0)
+    return t
+
+
+def _edge_case(req: Request) -> Tensor | tuple[Tensor, Tensor]:
+    """``Lq == 0``: an empty output. ``Lk == 0``: nothing to attend to, so zeros."""
+    out = req.q.new_zeros(req.B, req.H, req.Lq, req.Dv)
+    if req.requires_grad:  # keep the graph connected so backward() works and gives zero gradients
+        out = out + 0.0 * (req.q.sum() + req.k.sum() + req.v.sum())
+    if req.return_weights:
+        return out, req.q.new_zeros(req.B, req.H, req.Lq, req.Lk)
+    return out
+
+
+@dataclass
+class Explanation:
+    """What ``backend="auto"`` would do with a request, and why."""
+
+    backend: str
+    reason: str
+    declined: dict[str, str] = field(default_factory=dict)
+    """Backends that cannot serve the request, with their reasons."""
+
+    def __str__(self) -> str:
+        lines = [f"auto -> {self.backend}: {self.reason}"]
+        lines += [f"  not {name}: {why}" for name, why in self.declined.items()]
+        return "\n".join(lines)
+
+
+def explain(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike | None = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    **options: Any,
+) -> Explanation:
+    """Which backend ``qkv.attention(q, k, v, ...)`` with ``backend="auto"`` would use, and why.
+
+    Takes the same arguments as :func:`attention` (inputs are validated the same way) and
+    computes nothing. ``str()`` of the result reads as a sentence."""
+    req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options)
+    name, reason = _plan(req)
+    declined = {}
+    for n, b in backends.registered().items():
+        if not b.available():
+            declined[n] = "not available on this machine"
+        elif (why := b.supports(req)) is not None:
+            declined[n] = why
+    return Explanation(name, reason, declined)
+
+
+def _plan(req: Request) -> tuple[str, str]:
+    """The backend ``auto`` picks for ``req`` and the reason, in one sentence."""
+    sdpa = backends.get("sdpa")
+    why_not = sdpa.supports(req)
+    if why_not is None:
+        return "sdpa", "PyTorch's fused kernel serves this request and is the fastest exact backend here"
+    return "reference", f"sdpa declined ({why_not}); reference computes any request exactly"
+
+
+def _validate(
+    q: Any,
+    k: Any,
+    v: Any,
+    mask: Any,
+    score_mod: Any,
+    scale: Any,
+    dropout_p: Any,
+    return_weights: Any,
+    options: dict[str, Any],
+) -> tuple[Request, int]:
+    """Check every argument once; return the 4-D request and how many leading dims were added."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(f"q, k and v must have the same number of dims (B, H, L, D), got {shapes}")
+    if not 2 <= q.dim() <= 4:
+        raise ValueError(f"q, k and v must be (B, H, L, D), (H, L, D) or (L, D), got {shapes}")
+    squeeze = 4 - q.dim()
+    for _ in range(squeeze):
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k and v must have the same batch size B (dim 0), got {shapes}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim D (last dim), got {shapes}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same length Lk (dim -2), got {shapes}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads Hkv (dim 1), got {shapes}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"the query heads H={q.shape[1]} must be a multiple of the key/value heads Hkv={k.shape[1]}"
+            f" (grouped-query attention), got {shapes}"
+        )
+    if q.shape[-1] == 0:
+        raise ValueError(f"the head dim D must be > 0, got {shapes}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not isinstance(return_weights, bool):
+        raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    m = as_mask(mask)
+    sm = as_score_mod(score_mod)
+    req = Request(q, k, v, m, sm, float(scale), float(dropout_p), return_weights, dict(options))
+    if m is not None:
+        m.check(req.shape)
+    if sm is not None:
+        sm.check(req.shape)
+    return req, squeeze
