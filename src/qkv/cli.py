@@ -1,4 +1,7 @@
-"""The ``qkv`` command: argument parsing only; each subcommand calls library code."""
+"""The ``qkv`` command: argument parsing only; each subcommand calls library code.
+
+Each subcommand has its own ``_add_<name>`` function below; the code it runs lives in the library.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +10,67 @@ import sys
 from collections.abc import Sequence
 
 
-def _tour(args: argparse.Namespace) -> int:
-    from .tour import run_tour
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train attention models end to end and show what they learned")
+    p.add_argument("--out", default="qkv-demo", help="report folder (default: qkv-demo)")
+    p.add_argument("--quick", action="store_true", help="a small run of about a minute")
+    p.add_argument("--seed", type=int, default=0)
 
-    return run_tour(out=args.out)
+    def run(args: argparse.Namespace) -> int:
+        from .demo import run_demo
+
+        return run_demo(out=args.out, quick=args.quick, seed=args.seed)
+
+    p.set_defaults(func=run)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time and memory of the backends against PyTorch SDPA and FlexAttention")
+    p.add_argument("--out", default="bench-out", help="folder for the table and plot")
+    p.add_argument("--quick", action="store_true", help="a few sizes only")
+
+    def run(args: argparse.Namespace) -> int:
+        from .bench import run_bench
+
+        return run_bench(out=args.out, quick=args.quick)
+
+    p.set_defaults(func=run)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="capture, measure and draw the attention of a real pretrained model")
+    p.add_argument("text", help="the text to run through the model")
+    p.add_argument("--model", default="minilm", help="model name (default: minilm)")
+    p.add_argument("--out", default="qkv-inspect", help="report folder (default: qkv-inspect)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .analysis.inspect import run_inspect
+
+        return run_inspect(args.text, model=args.model, out=args.out)
+
+    p.set_defaults(func=run)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a small attention model on one task (lm, vit, forecast, recsys)")
+    p.add_argument("task", help="which task")
+    p.add_argument("--out", default=None, help="folder for the task's outputs")
+    p.add_argument("--quick", action="store_true", help="a few steps only")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        from .tasks import run_task
+
+        return run_task(args.task, out=args.out, quick=args.quick, seed=args.seed)
+
+    p.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qkv", description="qkv: the attention mechanism behind one call.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("tour", help="a short tour of attention on a toy example")
-    t.add_argument("--out", default=None, help="folder for the tour's pictures")
-    t.set_defaults(func=_tour)
+    for add in (_add_demo, _add_bench, _add_inspect, _add_train):
+        add(sub)
     return p
 
 

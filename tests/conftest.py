@@ -1,0 +1,15 @@
+"""Shared test set-up: make tests/oracle.py importable, seed, keep hypothesis quick."""
+
+import os
+import sys
+
+import torch
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+settings.register_profile(
+    "qkv", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile("qkv")
+torch.manual_seed(0)
