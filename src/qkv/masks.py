@@ -385,8 +385,8 @@ def _as_index_tensor(x: int | Sequence[int] | Tensor, what: str) -> Tensor:
 class _KeyBelow(Mask):
     """Keys ``j < n`` (per batch row when ``n`` is a ``(B,)`` tensor); raw key indices."""
 
-    def __init__(self, n: Tensor, what: str, name: str, axis: str = "k"):
-        self.n, self.what, self.name, self.axis = n, what, name, axis
+    def __init__(self, n: Tensor, what: str, name: str, axis: str = "k", bounded: bool = True):
+        self.n, self.what, self.name, self.axis, self.bounded = n, what, name, axis, bounded
 
     def check(self, s: Shape) -> None:
         n = self.n
@@ -396,7 +396,7 @@ class _KeyBelow(Mask):
                 f"{self.what} must be an int or hold one length per batch row: got shape {tuple(n.shape)}"
                 f" for batch size B={s.B}"
             )
-        if n.numel() and (int(n.min()) < 0 or int(n.max()) > L):
+        if n.numel() and (int(n.min()) < 0 or (self.bounded and int(n.max()) > L)):
             raise ValueError(
                 f"{self.what} must lie in [0, {L}] ({'Lk' if self.axis == 'k' else 'Lq'}={L}),"
                 f" got values in [{int(n.min())}, {int(n.max())}]"
@@ -449,7 +449,9 @@ def prefix_lm(prefix_len: int | Sequence[int] | Tensor) -> Mask:
     n = _as_index_tensor(prefix_len, "prefix_lm: prefix_len")
     return _Or(
         causal(),
-        _KeyBelow(n, "prefix_lm: prefix_len", f"prefix({prefix_len if isinstance(prefix_len, int) else '...'})"),
+        _KeyBelow(
+            n, "prefix_lm: prefix_len", f"prefix({prefix_len if isinstance(prefix_len, int) else '...'})", bounded=False
+        ),
     )
 
 
@@ -585,8 +587,9 @@ class _Document(Mask):
 def _block_minmax(ids: Tensor, L: int, n: int, block: int) -> tuple[Tensor, Tensor]:
     """Per-block min and max of ``ids (Bi, L)`` over blocks of ``block``: two ``(Bi, n)`` tensors."""
     pad = n * block - L
-    lo = torch.nn.functional.pad(ids, (0, pad), value=torch.iinfo(torch.long).max).view(ids.shape[0], n, block)
-    hi = torch.nn.functional.pad(ids, (0, pad), value=torch.iinfo(torch.long).min).view(ids.shape[0], n, block)
+    big = int(ids.abs().max()) + 1 if ids.numel() else 1  # padding that never wins a min or a max
+    lo = torch.nn.functional.pad(ids, (0, pad), value=big).view(ids.shape[0], n, block)
+    hi = torch.nn.functional.pad(ids, (0, pad), value=-big).view(ids.shape[0], n, block)
     return lo.amin(-1), hi.amax(-1)
 
 
