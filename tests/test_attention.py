@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import check_backend
 
 import qkv
+from oracle import check_backend
 from qkv import masks as M
 from qkv import scores as S
 
