@@ -32,4 +32,7 @@ def available() -> tuple[str, ...]:
 
 from . import reference, sdpa  # noqa: E402,F401  (registration)
 
+# isort: split
+from . import linear, nystrom, performer  # noqa: E402,F401  (approximations, issue 5)
+
 __all__ = ["Backend", "Request", "available", "get", "register", "registered"]
