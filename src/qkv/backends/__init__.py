@@ -30,9 +30,12 @@ def available() -> tuple[str, ...]:
     return tuple(n for n, b in _REGISTRY.items() if b.available())
 
 
-from . import reference, sdpa  # noqa: E402,F401  (registration)
+from . import reference, sdpa, tiled  # noqa: E402,F401  (registration)
 
 # isort: split
 from . import linear, nystrom, performer  # noqa: E402,F401  (approximations, issue 5)
+
+# isort: split
+from . import ring  # noqa: E402,F401  (registration)
 
 __all__ = ["Backend", "Request", "available", "get", "register", "registered"]
