@@ -1,0 +1,395 @@
+"""Ring attention (Liu et al., 2023): exact attention with the sequence split over ``torch.distributed`` ranks.
+
+Every rank holds ``q``, ``k``, ``v`` for ``n`` tokens of the global sequence of ``L = n * world`` tokens.
+Key/value blocks travel around the ring (rank ``r`` sends to ``r + 1`` and receives from ``r - 1``)
+with non-blocking ``isend``/``irecv`` posted before each step's compute, so communication overlaps
+computation; each rank merges the partial outputs of the blocks it sees by their per-row logsumexp.
+The backward pass recomputes each block's scores from the saved logsumexp and sends the key/value
+gradients around the ring with the blocks, then home to their owner.
+
+Masks are evaluated on global positions. Every (query chunk, key chunk) pair is classified once from
+the mask's tile kinds (``Mask.block_kinds``): empty pairs are skipped, full pairs run the fused kernel
+with no mask, partial pairs run with the mask's tile. The ring stops after the last step on which any
+rank has a non-empty pair, so a sliding window only talks to the neighbours it can reach. The
+``zigzag`` layout (rank ``r`` holds chunks ``r`` and ``2R - 1 - r`` of ``2R``) gives every rank the same
+work under a causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..masks import EMPTY, FULL, Mask, Shape
+from ._common import (
+    check_layout,
+    chunk_size,
+    chunks,
+    comm_stats,
+    global_rank,
+    globalize_mask,
+    group_rank_world,
+    unsupported_mask,
+)
+
+__all__ = ["ring_attention"]
+
+_TAG_KV, _TAG_DKV, _TAG_HOME = 11, 12, 13
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+@dataclass
+class _Plan:
+    """Who computes what: for every step, every rank's non-empty (query chunk, key chunk) pairs."""
+
+    rank: int
+    world: int
+    group: Any
+    layout: str
+    n: int
+    mask: Mask | None
+    shape: Shape  # the global problem
+    scale: float
+    steps: int
+    pairs: list[list[tuple[slice, slice, int, int, int, int, int]]]  # per step: (qsl, ksl, kind, q0, q1, k0, k1)
+
+    @property
+    def next(self) -> int:
+        return global_rank(self.group, (self.rank + 1) % self.world)
+
+    @property
+    def prev(self) -> int:
+        return global_rank(self.group, (self.rank - 1) % self.world)
+
+
+def _make_plan(q: Tensor, mask: Mask | None, scale: float, group: Any, layout: str) -> _Plan:
+    rank, world = group_rank_world(group)
+    B, H, n = q.shape[0], q.shape[1], q.shape[2]
+    c = chunk_size(layout, n)
+    shape = Shape(B, H, n * world, n * world, q.device)
+    nchunks = n * world // c
+    if mask is None:
+        kinds = torch.full((nchunks, nchunks), FULL, dtype=torch.int8)
+    else:
+        bk = mask.block_kinds(shape, c, c).to("cpu")  # (B|1, H|1, nchunks, nchunks)
+        empty = (bk == EMPTY).flatten(0, 1).all(0)
+        full = (bk == FULL).flatten(0, 1).all(0)
+        kinds = torch.where(empty, EMPTY, torch.where(full, FULL, 2)).to(torch.int8)
+    last = 0
+    mine: list[list[tuple[slice, slice, int, int, int, int, int]]] = []
+    for s in range(world):
+        for r in range(world):
+            src = (r - s) % world
+            qcs, kcs = chunks(layout, r, world, n), chunks(layout, src, world, n)
+            if any(int(kinds[qi, ki]) != EMPTY for qi, _, _ in qcs for ki, _, _ in kcs):
+                last = max(last, s)
+            if r == rank:
+                mine.append(
+                    [
+                        (
+                            slice(ql, ql + c),
+                            slice(kl, kl + c),
+                            int(kinds[qi, ki]),
+                            qi * c,
+                            qi * c + c,
+                            ki * c,
+                            ki * c + c,
+                        )
+                        for qi, ql, _ in qcs
+                        for ki, kl, _ in kcs
+                        if int(kinds[qi, ki]) != EMPTY
+                    ]
+                )
+    return _Plan(rank, world, group, layout, n, mask, shape, scale, last + 1, mine[: last + 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# one block: queries of a chunk against keys of a chunk, heads folded as (B, Hkv, G, rows, D)
+
+
+def _tile5(plan: _Plan, q0: int, q1: int, k0: int, k1: int, Hkv: int) -> Tensor:
+    """The mask tile on global positions as ``(B|1, Hkv|1, G|1, rows, cols)``."""
+    assert plan.mask is not None
+    t = plan.mask.tile(plan.shape, q0, q1, k0, k1)
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    if t.shape[1] == 1:
+        return t.unsqueeze(2)
+    return t.reshape(t.shape[0], Hkv, t.shape[1] // Hkv, *t.shape[2:])
+
+
+def _use_flash(x: Tensor) -> bool:
+    return _FLASH is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def _block_fwd(q5: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """``q5 (B, Hkv, G, m, D)``, ``k (B, Hkv, l, D)``, ``v (B, Hkv, l, Dv)`` -> normalised output
+    ``(B, Hkv, G, m, Dv)`` and logsumexp ``(B, Hkv, G, m)`` (``-inf`` on rows that see nothing)."""
+    B, Hkv, G, m, D = q5.shape
+    if tile is None and _FLASH is not None and _use_flash(q5):
+        o, lse = _FLASH(q5.reshape(B, Hkv, G * m, D), k, v, 0.0, False, scale=scale)
+        return o.view(B, Hkv, G, m, -1), lse.view(B, Hkv, G, m).to(o.dtype)
+    s = (q5 @ k.unsqueeze(2).transpose(-1, -2)) * scale
+    if tile is not None:
+        s = s.masked_fill(~tile, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    return p @ v.unsqueeze(2), lse
+
+
+def _block_bwd(
+    q5: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o5: Tensor,
+    do5: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    tile: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq5, dk, dv)`` of one block given the final output ``o5``, its gradient ``do5``,
+    the final logsumexp ``lse`` and ``delta = rowsum(do5 * o5)``."""
+    B, Hkv, G, m, D = q5.shape
+    if tile is None and _use_flash(q5) and _FLASH_BWD is not None:
+        fold = (B, Hkv, G * m)
+        dq, dk, dv = _FLASH_BWD(
+            do5.reshape(*fold, -1),
+            q5.reshape(*fold, D),
+            k,
+            v,
+            o5.reshape(*fold, -1),
+            lse.reshape(fold).to(torch.float32 if q5.dtype == torch.float32 else q5.dtype),
+            0.0,
+            False,
+            scale=scale,
+        )
+        return dq.view(q5.shape), dk, dv
+    k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
+    s = (q5 @ k5.transpose(-1, -2)) * scale
+    if tile is not None:
+        s = s.masked_fill(~tile, float("-inf"))
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    dv = (p.transpose(-1, -2) @ do5).sum(2)
+    dp = do5 @ v5.transpose(-1, -2)
+    ds = p * (dp - delta.unsqueeze(-1)) * scale
+    return ds @ k5, (ds.transpose(-1, -2) @ q5).sum(2), dv
+
+
+def _merge(acc_o: Tensor, acc_l: Tensor, o: Tensor, lse: Tensor) -> None:
+    """``acc ⊕= (o, lse)`` in place: the exact softmax merge of two partial results by their logsumexp."""
+    m = torch.maximum(acc_l, lse)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(acc_l - m), torch.exp(lse - m)
+    tot = wa + wb
+    safe = torch.where(tot == 0, torch.ones_like(tot), tot)
+    acc_o.mul_((wa / safe).unsqueeze(-1)).add_(o * (wb / safe).unsqueeze(-1))
+    acc_l.copy_(m + torch.log(tot))
+
+
+# ------------------------------------------------------------------------------------------------
+# communication
+
+
+def _pack(*ts: Tensor) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unpack(buf: Tensor, like: tuple[Tensor, ...]) -> list[Tensor]:
+    out, i = [], 0
+    for t in like:
+        out.append(buf[i : i + t.numel()].view(t.shape))
+        i += t.numel()
+    return out
+
+
+def _exchange(send: Tensor, to: int, frm: int, tag: int, group: Any) -> tuple[Tensor, list[Any]]:
+    """Post ``isend(send -> to)`` and ``irecv(<- frm)`` without waiting; returns the buffer and the works."""
+    recv = torch.empty_like(send)
+    comm_stats.add(send)
+    works = [dist.isend(send, to, group=group, tag=tag), dist.irecv(recv, frm, group=group, tag=tag)]
+    return recv, works
+
+
+def _wait(works: list[Any]) -> None:
+    for w in works:
+        w.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# forward and backward
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    B, H, n, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    G = H // Hkv
+    dt = _compute_dtype(q.dtype)
+    q5 = q.to(dt).reshape(B, Hkv, G, n, D)
+    kc, vc = k.to(dt).contiguous(), v.to(dt).contiguous()
+    acc_o = torch.zeros(B, Hkv, G, n, Dv, dtype=dt, device=q.device)
+    acc_l = torch.full((B, Hkv, G, n), float("-inf"), dtype=dt, device=q.device)
+    buf = _pack(kc, vc)
+    for s in range(plan.steps):
+        works: list[Any] = []
+        if s + 1 < plan.steps:
+            nxt, works = _exchange(buf, plan.next, plan.prev, _TAG_KV, plan.group)
+        kb, vb = _unpack(buf, (kc, vc))
+        for qsl, ksl, kind, q0, q1, k0, k1 in plan.pairs[s]:
+            tile = None if kind == FULL else _tile5(plan, q0, q1, k0, k1, Hkv)
+            o, lse = _block_fwd(
+                q5[:, :, :, qsl].contiguous(), kb[:, :, ksl].contiguous(), vb[:, :, ksl].contiguous(), tile, plan.scale
+            )
+            _merge(acc_o[:, :, :, qsl], acc_l[:, :, :, qsl], o, lse)
+        if works:
+            _wait(works)
+            buf = nxt
+    return acc_o.reshape(B, H, n, Dv), acc_l.reshape(B, H, n)
+
+
+def _backward(
+    plan: _Plan, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, n, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    G = H // Hkv
+    dt = out.dtype
+    q5 = q.to(dt).reshape(B, Hkv, G, n, D)
+    o5 = out.reshape(B, Hkv, G, n, Dv)
+    do5 = dout.to(dt).reshape(B, Hkv, G, n, Dv)
+    l5 = lse.reshape(B, Hkv, G, n)
+    delta = (do5 * o5).sum(-1)
+    kc, vc = k.to(dt).contiguous(), v.to(dt).contiguous()
+    dq5 = torch.zeros_like(q5)
+    buf = _pack(kc, vc)
+    dkv_works: list[Any] = []
+    dkv_in: Tensor | None = None
+    dkv = torch.zeros_like(buf)
+    for s in range(plan.steps):
+        works: list[Any] = []
+        if s + 1 < plan.steps:
+            nxt, works = _exchange(buf, plan.next, plan.prev, _TAG_KV, plan.group)
+        kb, vb = _unpack(buf, (kc, vc))
+        dkv = torch.zeros_like(buf)
+        dkb, dvb = _unpack(dkv, (kc, vc))
+        for qsl, ksl, kind, q0, q1, k0, k1 in plan.pairs[s]:
+            tile = None if kind == FULL else _tile5(plan, q0, q1, k0, k1, Hkv)
+            dq_b, dk_b, dv_b = _block_bwd(
+                q5[:, :, :, qsl].contiguous(),
+                kb[:, :, ksl].contiguous(),
+                vb[:, :, ksl].contiguous(),
+                o5[:, :, :, qsl].contiguous(),
+                do5[:, :, :, qsl].contiguous(),
+                l5[:, :, :, qsl].contiguous(),
+                delta[:, :, :, qsl],
+                tile,
+                plan.scale,
+            )
+            dq5[:, :, :, qsl] += dq_b
+            dkb[:, :, ksl] += dk_b
+            dvb[:, :, ksl] += dv_b
+        if dkv_works:  # the gradients of this block accumulated by the ranks it visited before
+            _wait(dkv_works)
+            assert dkv_in is not None
+            dkv += dkv_in
+            dkv_works = []
+        if s + 1 < plan.steps:
+            dkv_in, dkv_works = _exchange(dkv, plan.next, plan.prev, _TAG_DKV, plan.group)
+        if works:
+            _wait(works)
+            buf = nxt
+    if plan.steps > 1:  # the block now here belongs to rank (r - steps + 1); send its gradients home
+        back = plan.steps - 1
+        home = global_rank(plan.group, (plan.rank - back) % plan.world)
+        frm = global_rank(plan.group, (plan.rank + back) % plan.world)
+        mine, works = _exchange(dkv, home, frm, _TAG_HOME, plan.group)
+        _wait(works)
+        dkv = mine
+    dk, dv = _unpack(dkv, (kc, vc))
+    return dq5.reshape(B, H, n, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> Tensor:  # type: ignore[override]
+        out, lse = _forward(plan, q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.plan, q, k, v, out, lse, dout)
+        return dq, dk, dv, None
+
+
+def check_shards(q: Tensor, k: Tensor, v: Tensor, layout: str, world: int) -> None:
+    """``ValueError`` unless ``q``, ``k``, ``v`` are equal-length 4-D local shards fit for ``layout``."""
+    check_layout(layout)
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"sequence-parallel attention takes 4-D local shards (B, H, n, D), got {shapes}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"sequence-parallel attention is self-attention over one split sequence: q and k must hold the"
+            f" same number of local tokens n (dim 2), got {shapes}"
+        )
+    if layout == "zigzag" and q.shape[2] % 2:
+        raise ValueError(f"layout='zigzag' needs an even local length n (two chunks per rank), got {shapes}")
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | None = None,
+    scale: float | None = None,
+    group: Any = None,
+    layout: str = "zigzag",
+) -> Tensor:
+    """Exact attention over a sequence split across the ranks of ``group``, by ring attention.
+
+    Every rank passes its LOCAL shards; all ranks must pass the same shapes and the same mask.
+
+    Args:
+        q: local queries ``(B, H, n, D)``; the global sequence has ``L = n * world`` tokens.
+        k: local keys ``(B, Hkv, n, D)``, ``H % Hkv == 0`` (grouped-query heads share blocks; K/V are
+            never repeated).
+        v: local values ``(B, Hkv, n, Dv)``.
+        mask: a :class:`qkv.masks.Mask` on GLOBAL positions (``causal()``, ``sliding_window(w)``,
+            ``from_fn(...)``); a ``document(ids)`` mask takes the ids of the LOCAL shard ``(n,)`` or
+            ``(B, n)``, which are gathered.
+        scale: multiplies ``q kᵀ``; defaults to ``1 / sqrt(D)``.
+        group: the ``torch.distributed`` process group (``None`` = the default group).
+        layout: how the sequence is split: ``"zigzag"`` (rank ``r`` holds chunks ``r`` and ``2R-1-r`` of
+            ``2R``, see :func:`qkv.distributed.zigzag_split`; balanced under causal masks) or
+            ``"contiguous"`` (rank ``r`` holds tokens ``[r n, (r+1) n)``).
+
+    Returns:
+        the local output ``(B, H, n, Dv)``, differentiable with respect to ``q``, ``k``, ``v``.
+    """
+    _, world = group_rank_world(group)
+    check_shards(q, k, v, layout, world)
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"the query heads must be a multiple of the key heads, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    why = unsupported_mask(mask)
+    if why is not None:
+        raise NotImplementedError(why)
+    gmask = globalize_mask(mask, layout, group)
+    sc = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    plan = _make_plan(q, gmask, sc, group, layout)
+    out: Tensor = _RingFunction.apply(q, k, v, plan)
+    return out

@@ -1,0 +1,161 @@
+"""One rank of the spawned distributed tests: ``python dist_worker.py SCENARIO RANK WORLD STORE_FILE``.
+
+``check``: ring and Ulysses attention on local shards against the float64 single-process reference,
+forward and backward, for several masks and layouts. ``fail``: rank 1 raises inside
+``fail_together`` while rank 0 waits in the ring; both must exit with ``RankFailedError``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import qkv  # noqa: E402
+from oracle import FLOOR, low_precision_reference, oracle  # noqa: E402
+from qkv.distributed import (  # noqa: E402
+    SequenceParallelAttention,
+    comm_stats,
+    fail_together,
+    ring_attention,
+    ulysses_attention,
+    zigzag_gather,
+    zigzag_split,
+)
+from qkv.masks import causal, document, sliding_window  # noqa: E402
+
+
+def shard(x: torch.Tensor, layout: str, rank: int, world: int, dim: int = 2) -> torch.Tensor:
+    if layout == "zigzag":
+        return zigzag_split(x, rank, world, dim=dim)
+    return x.chunk(world, dim=dim)[rank]
+
+
+def check_case(
+    name: str,
+    rank: int,
+    world: int,
+    *,
+    strategy: str,
+    layout: str,
+    mask_fn,
+    H: int = 4,
+    Hkv: int = 4,
+    dtype: torch.dtype = torch.float32,
+    api: str = "function",
+    ids: torch.Tensor | None = None,
+) -> None:
+    g = torch.Generator().manual_seed(1234)
+    B, n, D = 2, 8, 8
+    L = n * world
+    q = torch.randn(B, H, L, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, L, D, generator=g, dtype=dtype)
+    dout = torch.randn(B, H, L, D, generator=g, dtype=dtype)
+    full_mask = mask_fn(ids)
+    ref = oracle(q, k, v, dout, mask=full_mask)
+    base = low_precision_reference(q, k, v, dout, mask=full_mask)
+    local_ids = None if ids is None else shard(ids, layout, rank, world, dim=-1)
+    local_mask = mask_fn(local_ids)
+    ql, kl, vl = (shard(t, layout, rank, world).clone().requires_grad_(True) for t in (q, k, v))
+    if api == "function":
+        fn = ring_attention if strategy == "ring" else ulysses_attention
+        out = fn(ql, kl, vl, mask=local_mask, layout=layout)
+    else:
+        out = qkv.attention(ql, kl, vl, mask=local_mask, backend=strategy, layout=layout)
+    out.backward(shard(dout, layout, rank, world))
+    got = (out.detach(), ql.grad, kl.grad, vl.grad)
+    for what, gt, r, b in zip(("out", "dq", "dk", "dv"), got, ref, base):
+        r_l, b_l = shard(r, layout, rank, world), shard(b, layout, rank, world)
+        err = (gt.double() - r_l).abs().max().item()
+        tol = 2 * (b_l.double() - r_l).abs().max().item() + FLOOR[dtype]
+        assert err <= tol, f"{name} rank {rank}: {what} error {err:.3g} > {tol:.3g}"
+    print(f"ok {name}", flush=True)
+
+
+def check_module(rank: int, world: int, strategy: str) -> None:
+    """SequenceParallelAttention on shards == the same weights on the whole sequence (float64 reference)."""
+    torch.manual_seed(7)
+    mod = SequenceParallelAttention(16, 4, 2, strategy=strategy, layout="zigzag").double()
+    x = torch.randn(2, 8 * world, 16, dtype=torch.float64)
+    B, L, E = x.shape
+    q = mod.q_proj(x).view(B, L, 4, 4).transpose(1, 2)
+    k, v = mod.kv_proj(x).view(B, L, 2, 2, 4).permute(2, 0, 3, 1, 4)
+    o = qkv.attention(q, k, v, mask=causal(), backend="reference")
+    want = mod.out_proj(o.transpose(1, 2).reshape(B, L, E))
+    got = mod(zigzag_split(x, rank, world, dim=1), mask=causal())
+    assert torch.allclose(got, zigzag_split(want, rank, world, dim=1), atol=1e-12), f"module {strategy} differs"
+    back = zigzag_gather(got.detach(), dim=1)
+    assert torch.allclose(back, want.detach(), atol=1e-12), "zigzag_gather is not the inverse of zigzag_split"
+    print(f"ok module {strategy}", flush=True)
+
+
+def scenario_check(rank: int, world: int) -> None:
+    ids = torch.tensor([0] * 5 + [1] * (4 * world) + [2] * (4 * world - 5))  # 8 * world tokens, 3 documents
+    doc_causal = lambda i: document(i) & causal()  # noqa: E731
+    cases = [
+        ("ring dense zigzag", dict(strategy="ring", layout="zigzag", mask_fn=lambda i: None)),
+        ("ring causal zigzag gqa", dict(strategy="ring", layout="zigzag", mask_fn=lambda i: causal(), Hkv=2)),
+        ("ring causal contiguous mqa", dict(strategy="ring", layout="contiguous", mask_fn=lambda i: causal(), Hkv=1)),
+        ("ring window contiguous", dict(strategy="ring", layout="contiguous", mask_fn=lambda i: sliding_window(5))),
+        (
+            "ring window zigzag backend",
+            dict(strategy="ring", layout="zigzag", mask_fn=lambda i: sliding_window(3, 2), api="qkv.attention"),
+        ),
+        ("ring document causal zigzag", dict(strategy="ring", layout="zigzag", mask_fn=doc_causal, ids=ids)),
+        (
+            "ring causal zigzag float64",
+            dict(strategy="ring", layout="zigzag", mask_fn=lambda i: causal(), dtype=torch.float64),
+        ),
+        ("ulysses causal zigzag gqa", dict(strategy="ulysses", layout="zigzag", mask_fn=lambda i: causal(), Hkv=2)),
+        (
+            "ulysses window contiguous backend",
+            dict(strategy="ulysses", layout="contiguous", mask_fn=lambda i: sliding_window(5), api="qkv.attention"),
+        ),
+        (
+            "ulysses document causal zigzag mqa",
+            dict(strategy="ulysses", layout="zigzag", mask_fn=doc_causal, ids=ids, Hkv=1),
+        ),
+    ]
+    for name, kw in cases:
+        check_case(name, rank, world, **kw)  # type: ignore[arg-type]
+    check_module(rank, world, "ring")
+    check_module(rank, world, "ulysses")
+    # a causal window of 5 keys over shards of 8 reaches only the previous rank: 2 ring steps, not world
+    comm_stats.reset()
+    q = torch.randn(1, 2, 8, 4)
+    ring_attention(q, q, q, mask=sliding_window(5), layout="contiguous")
+    kv_bytes = 2 * q.numel() * q.element_size()
+    assert comm_stats.bytes_sent == kv_bytes * 1, f"window: sent {comm_stats.bytes_sent} bytes, want {kv_bytes}"
+    comm_stats.reset()
+    ring_attention(q, q, q, layout="contiguous")
+    assert comm_stats.bytes_sent == kv_bytes * (world - 1), f"dense: sent {comm_stats.bytes_sent} bytes"
+    print("ok traffic", flush=True)
+
+
+def scenario_fail(rank: int, world: int) -> None:
+    with fail_together():
+        if rank == 1:
+            raise ValueError("rank one fails on purpose")
+        q = torch.randn(1, 2, 8, 4)
+        ring_attention(q, q, q, mask=causal())  # waits on rank 1 until the group's timeout
+
+
+def main() -> None:
+    scenario, rank, world, store = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    timeout = timedelta(seconds=float(os.environ.get("QKV_TEST_TIMEOUT", "30")))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timeout)
+    torch.set_num_threads(1)
+    try:
+        {"check": scenario_check, "fail": scenario_fail}[scenario](rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
