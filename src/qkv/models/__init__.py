@@ -2,5 +2,15 @@
 ViT, RNN seq2seq with attention, state-space hybrids."""
 
 from .bert import BertConfig, BertEncoder, BertTokenizer, minilm, minilm_path
+from .gpt import GPT, GPTCache, sample_next
 
-__all__: list[str] = ["BertConfig", "BertEncoder", "BertTokenizer", "minilm", "minilm_path"]
+__all__: list[str] = [
+    "GPT",
+    "GPTCache",
+    "sample_next",
+    "BertConfig",
+    "BertEncoder",
+    "BertTokenizer",
+    "minilm",
+    "minilm_path",
+]

@@ -2,6 +2,44 @@
 positional encodings, KV caches and transformer blocks. All of them call :func:`qkv.attention`."""
 
 from .additive import AdditiveAttention, LuongAttention
-from .base import AttentionModule, capture_weights, set_backend
+from .attention import MultiHeadAttention, TorchMasks, masks_from_torch
+from .base import AttentionModule, BackendSwitch, capture_weights, set_backend
+from .blocks import DecoderBlock, EncoderBlock, FeedForward, TransformerBlock, make_norm
+from .cache import FixedKVCache, GrowingKVCache, KVCache, SlidingWindowKVCache, StaticKVCache, at_positions
+from .positional import (
+    ALiBi,
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+    T5RelativeBias,
+    sinusoidal_table,
+)
 
-__all__ = ["AdditiveAttention", "AttentionModule", "LuongAttention", "capture_weights", "set_backend"]
+__all__ = [
+    "ALiBi",
+    "AdditiveAttention",
+    "LuongAttention",
+    "AttentionModule",
+    "BackendSwitch",
+    "DecoderBlock",
+    "EncoderBlock",
+    "FeedForward",
+    "FixedKVCache",
+    "GrowingKVCache",
+    "KVCache",
+    "LearnedPositionalEmbedding",
+    "MultiHeadAttention",
+    "RotaryEmbedding",
+    "SinusoidalPositionalEncoding",
+    "SlidingWindowKVCache",
+    "StaticKVCache",
+    "T5RelativeBias",
+    "TorchMasks",
+    "TransformerBlock",
+    "at_positions",
+    "capture_weights",
+    "make_norm",
+    "masks_from_torch",
+    "set_backend",
+    "sinusoidal_table",
+]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..attention import attention
 
-__all__ = ["AttentionModule", "capture_weights", "set_backend"]
+__all__ = ["AttentionModule", "BackendSwitch", "capture_weights", "set_backend"]
 
 
 class AttentionModule(nn.Module):
@@ -70,3 +70,14 @@ def capture_weights(model: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
     finally:
         for _, m in mods:
             m._weights_sink = None
+
+
+class BackendSwitch:
+    """Mixin for qkv models (with ``nn.Module``): ``model.set_backend("tiled")`` switches every
+    attention layer inside, as :func:`set_backend` does; returns the model."""
+
+    def set_backend(self, backend: str) -> Any:
+        """Use ``backend`` (``"auto"`` or a name in ``qkv.BACKENDS``) in every attention layer."""
+        if not isinstance(self, nn.Module):
+            raise TypeError("BackendSwitch must be mixed into an nn.Module")
+        return set_backend(self, backend)
