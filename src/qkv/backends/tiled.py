@@ -268,6 +268,24 @@ def _is_causal(mask: Mask | None) -> bool:
     return isinstance(mask, _Window) and type(mask) is _Window and mask.left is None and mask.right == 0
 
 
+_CACHE: list[tuple[Mask, Shape, int, int, list[list[int]]]] = []
+
+
+def _block_codes(mask: Mask, shape: Shape, block_q: int, block_k: int) -> list[list[int]]:
+    """Per (query tile, key block): 0 empty for every batch row and head, 1 full for all, 2 else.
+
+    The last answer is cached (``auto`` asks before ``run`` does; a custom mask costs one pass)."""
+    for m, s, bq, bk, code in _CACHE:
+        if m is mask and s == shape and bq == block_q and bk == block_k:
+            return code
+    kinds = mask.block_kinds(shape, block_q, block_k)  # (B|1, H|1, nq, nk)
+    all_empty = (kinds == EMPTY).flatten(0, 1).all(dim=0)
+    all_full = (kinds == FULL).flatten(0, 1).all(dim=0)
+    code = torch.where(all_empty, 0, torch.where(all_full, 1, 2)).tolist()
+    _CACHE[:] = [(mask, shape, block_q, block_k, code)]
+    return code
+
+
 def plan_tiles(mask: Mask | None, shape: Shape, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> list[Tile]:
     """The tiles and key segments that ``tiled`` computes for ``mask`` on a problem of ``shape``.
 
@@ -282,10 +300,7 @@ def plan_tiles(mask: Mask | None, shape: Shape, block_q: int = BLOCK_Q, block_k:
         for every batch row and head is in a segment with ``partial=False``."""
     if mask is None:
         return [Tile(0, shape.Lq, (Segment(0, shape.Lk, False),))]
-    kinds = mask.block_kinds(shape, block_q, block_k)  # (B|1, H|1, nq, nk)
-    all_empty = (kinds == EMPTY).flatten(0, 1).all(dim=0)
-    all_full = (kinds == FULL).flatten(0, 1).all(dim=0)
-    code = torch.where(all_empty, 0, torch.where(all_full, 1, 2)).tolist()  # 0 skip, 1 full, 2 partial
+    code = _block_codes(mask, shape, block_q, block_k)
     tiles = []
     for i, row in enumerate(code):
         q0, q1 = i * block_q, min((i + 1) * block_q, shape.Lq)
@@ -556,6 +571,16 @@ class Tiled(Backend):
     def fused(self, req: Request) -> bool:
         """Whether ``req`` runs on the fused CPU flash kernel (else the eager engine)."""
         return req.score_mod is None and _FLASH is not None and _FLASH_BWD is not None and req.device.type == "cpu"
+
+    def live_fraction(self, req: Request) -> tuple[float, int]:
+        """The fraction of (query tile, key block) pairs that ``req``'s mask leaves non-empty, and
+        how many pairs there are (``auto`` compares it with SDPA's dense work)."""
+        if req.mask is None:
+            return 1.0, 1
+        bq, bk = _block(req, "block_q", BLOCK_Q), _block(req, "block_k", BLOCK_K)
+        code = _block_codes(req.mask, req.shape, bq, bk)
+        n = sum(len(r) for r in code)
+        return (sum(c != 0 for r in code for c in r) / n if n else 1.0), n
 
     def run(self, req: Request) -> Tensor | tuple[Tensor, Tensor]:
         why = self.supports(req)

@@ -1,0 +1,291 @@
+"""``tiled`` against the float64 oracle: hypothesis-drawn shapes, masks, score mods and dtypes, tile
+boundaries, empty tiles, rows with nothing to attend, weights on demand, the merge helper, and that no
+``Lq x Lk`` tensor is built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qkv
+import qkv.backends.tiled as T
+from oracle import check_backend, oracle
+from qkv import masks as M
+from qkv import scores as S
+from qkv.masks import Shape
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 queries x 3 keys, so that small problems cross many tile boundaries."""
+    monkeypatch.setattr(T, "BLOCK_Q", 4)
+    monkeypatch.setattr(T, "BLOCK_K", 3)
+
+
+@st.composite
+def problems(draw, dtypes=DTYPES):
+    """Random (q, k, v, mask, score_mod, tile sizes) with GQA, Lq != Lk, Dv != D and every mask kind."""
+    B = draw(st.integers(1, 2))
+    Hkv = draw(st.integers(1, 2))
+    H = Hkv * draw(st.sampled_from([1, 2, 3]))
+    Lq, Lk = draw(st.integers(1, 23)), draw(st.integers(1, 23))
+    D, Dv = draw(st.sampled_from([4, 8, 16])), draw(st.sampled_from([4, 8, 5]))
+    dtype = draw(st.sampled_from(dtypes))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g).to(dtype)
+    kind = draw(
+        st.sampled_from(
+            [
+                "none",
+                "causal",
+                "window",
+                "padding",
+                "document",
+                "prefix",
+                "dilated",
+                "global",
+                "block",
+                "dense",
+                "fn",
+                "combo",
+            ]
+        )
+    )
+    w = draw(st.integers(0, 7))
+    if kind == "none":
+        mask = None
+    elif kind == "causal":
+        mask = M.causal()
+    elif kind == "window":
+        mask = M.sliding_window(w, draw(st.integers(0, 3)))
+    elif kind == "padding":
+        mask = M.padding(draw(st.lists(st.integers(0, Lk), min_size=B, max_size=B)))
+    elif kind == "document":
+        q_ids = sorted(draw(st.lists(st.integers(0, 3), min_size=Lq, max_size=Lq)))
+        k_ids = sorted(draw(st.lists(st.integers(0, 3), min_size=Lk, max_size=Lk)))
+        mask = M.document(q_ids, k_ids)
+    elif kind == "prefix":
+        mask = M.prefix_lm(w)
+    elif kind == "dilated":
+        mask = M.dilated(w + 2, 2)
+    elif kind == "global":
+        mask = M.global_tokens(min(w, Lk)) | M.sliding_window(1, 1)
+    elif kind == "block":
+        bs = 3
+        mask = M.block_sparse(torch.rand(-(-Lq // bs), -(-Lk // bs), generator=g) > 0.5, bs)
+    elif kind == "dense":
+        mask = torch.rand(B, 1, Lq, Lk, generator=g) > 0.4
+    elif kind == "fn":
+
+        def mask(b, h, q_idx, kv_idx):
+            return (q_idx + kv_idx + h) % 3 != 0
+
+    else:
+        mask = (M.causal() & M.sliding_window(w)) | ~M.padding(min(w, Lk))
+    sm = draw(st.sampled_from([None, None, "softcap", "alibi"]))
+    score_mod = {None: None, "softcap": S.softcap(4.0), "alibi": S.alibi(H)}[sm]
+    bq, bk = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    return q, k, v, mask, score_mod, bq, bk
+
+
+@settings(max_examples=120, deadline=None)
+@given(problems())
+def test_tiled_meets_oracle(p):
+    q, k, v, mask, score_mod, bq, bk = p
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "BLOCK_Q", bq)
+        mp.setattr(T, "BLOCK_K", bk)
+        check_backend("tiled", q, k, v, mask=mask, score_mod=score_mod)
+
+
+@pytest.mark.parametrize("L", [1, 2, 7, 13, 31, 64, 97])
+@pytest.mark.parametrize("mask", [None, "causal", "window"])
+def test_tile_boundaries_default_tiles(L, mask):
+    """Lengths 1, primes and non-multiples of the (default and small) tiles, with the default tiles."""
+    torch.manual_seed(L)
+    m = {None: None, "causal": M.causal(), "window": M.sliding_window(5)}[mask]
+    q, k, v = torch.randn(1, 2, L, 8), torch.randn(1, 2, L + 3, 8), torch.randn(1, 2, L + 3, 8)
+    check_backend("tiled", q, k, v, mask=m)
+
+
+def test_long_prime_lengths_cross_default_tiles():
+    torch.manual_seed(0)
+    Lq, Lk = 521, 389  # primes, more than two default tiles each
+    q, k, v = torch.randn(1, 2, Lq, 16), torch.randn(1, 1, Lk, 16), torch.randn(1, 1, Lk, 12)
+    for mask in (M.causal() & M.sliding_window(100), M.document(torch.arange(Lq) // 97, torch.arange(Lk) // 71)):
+        check_backend("tiled", q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("score_mod", [None, "softcap"])
+def test_gradcheck_float64(small_tiles, score_mod):
+    torch.manual_seed(0)
+    sm = S.softcap(3.0) if score_mod else None
+    q = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 11, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 11, 3, dtype=torch.float64, requires_grad=True)
+    mask = M.causal() & M.sliding_window(4) | M.global_tokens(1)
+    fn = lambda a, b, c: qkv.attention(a, b, c, mask=mask, score_mod=sm, backend="tiled")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_score_mod_parameters_get_gradients(small_tiles):
+    torch.manual_seed(0)
+    w = torch.randn(32, 2, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(1, 2, 10, 4, dtype=torch.float64)
+    grads = []
+    for backend in ("tiled", "reference"):
+        w.grad = None
+        qkv.attention(q, q, q, mask=M.causal(), score_mod=S.relative_bias(w), backend=backend).square().sum().backward()
+        grads.append(w.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_masks_that_empty_whole_tiles_and_rows_with_nothing_to_attend(small_tiles):
+    torch.manual_seed(0)
+    Lq, Lk = 14, 17
+    layout = torch.zeros(5, 6, dtype=torch.bool)
+    layout[0, 1] = layout[2, 0] = layout[2, 5] = layout[4, 3] = True  # query tiles 1 and 3 see nothing
+    mask = M.block_sparse(layout, 3) | M.padding([0, 5])
+    tiles = T.plan_tiles(mask, Shape(2, 2, Lq, Lk), 4, 3)
+    assert sum(len(t.segments) for t in tiles) < 4 * 6 / 2  # most blocks skipped
+    q, k, v = torch.randn(2, 2, Lq, 8), torch.randn(2, 2, Lk, 8), torch.randn(2, 2, Lk, 8)
+    check_backend("tiled", q, k, v, mask=mask)
+    for sm in (None, S.softcap(5.0)):
+        q.requires_grad_(True)
+        out = qkv.attention(q, k, v, mask=mask, score_mod=sm, backend="tiled")
+        dead = ~mask.to_dense(2, 2, Lq, Lk).any(-1)  # (2, 1|2, Lq)
+        assert dead.any()
+        assert (out.masked_select(dead.unsqueeze(-1).expand_as(out)) == 0).all()
+        (dq,) = torch.autograd.grad(out.sum(), q)
+        assert torch.isfinite(dq).all()
+        assert (dq.masked_select(dead.unsqueeze(-1).expand_as(dq)) == 0).all()
+
+
+def test_plan_skips_empty_blocks_and_applies_no_mask_on_full_ones():
+    s = Shape(1, 1, 1024, 1024)
+    tiles = T.plan_tiles(M.causal() & M.sliding_window(256), s, 256, 128)
+    for t in tiles:
+        lo = max(0, t.q0 - 256) // 128 * 128
+        assert t.segments[0].k0 == lo and t.segments[-1].k1 == t.q1  # nothing outside the window
+    docs = T.plan_tiles(M.document(torch.arange(1024) // 256), s, 256, 128)
+    assert [t.segments for t in docs] == [(T.Segment(i * 256, i * 256 + 256, False),) for i in range(4)]
+
+
+@pytest.mark.parametrize("score_mod", [None, "alibi"])
+def test_weights_on_demand_match_reference(score_mod):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 300, 8), torch.randn(2, 2, 310, 8), torch.randn(2, 2, 310, 8)
+    sm = S.alibi(4) if score_mod else None
+    mask = M.causal() & M.sliding_window(100) | M.global_tokens(2)
+    ref_out, ref_w = qkv.attention(q, k, v, mask=mask, score_mod=sm, backend="reference", return_weights=True)
+    out, w = qkv.attention(q, k, v, mask=mask, score_mod=sm, backend="tiled", return_weights=True)
+    torch.testing.assert_close(w, ref_w)
+    torch.testing.assert_close(out, ref_out)
+    rows = torch.tensor([0, 5, 299, 150])
+    _, w2 = qkv.attention(
+        q, k, v, mask=mask, score_mod=sm, return_weights=True, weights_heads=[3, 1], weights_rows=rows
+    )  # auto takes tiled for these options
+    torch.testing.assert_close(w2, ref_w[:, [3, 1]][:, :, rows])
+    _, w3 = qkv.attention(q, k, v, mask=mask, return_weights=True, weights_rows=slice(10, 20), weights_heads=[0])
+    assert w3.shape == (2, 1, 10, 310)
+
+
+def test_weights_are_differentiable_like_the_reference():
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for backend in ("tiled", "reference"):
+        _, w = qkv.attention(q, q, q, mask=M.causal(), backend=backend, return_weights=True)
+        (g,) = torch.autograd.grad((w * torch.arange(6.0, dtype=torch.float64)).sum(), q)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bad_options_and_dropout():
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="weights_heads.*H=2"):
+        qkv.attention(q, q, q, backend="tiled", return_weights=True, weights_heads=[2])
+    with pytest.raises(TypeError, match="weights_rows"):
+        qkv.attention(q, q, q, backend="tiled", return_weights=True, weights_rows=1.5)
+    with pytest.raises(ValueError, match="block_q"):
+        qkv.attention(q, q, q, backend="tiled", block_q=0)
+    with pytest.raises(NotImplementedError, match="tiled.*dropout.*backend 'sdpa' can"):
+        qkv.attention(q, q, q, backend="tiled", dropout_p=0.1)
+    assert qkv.explain(q, q, q, dropout_p=0.1, mask=M.sliding_window(1)).backend != "tiled"
+
+
+def test_merge_and_attention_with_lse_split_keys_exactly():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 6)
+    allowed = torch.rand(2, 1, 9, 20) > 0.5
+    allowed[:, :, 3] = False  # a row that sees nothing
+    allowed[:, :, 4, 7:] = False  # a row that sees nothing in the second half
+    a = T.attention_with_lse(q, k[:, :, :7], v[:, :, :7], 0.3, allowed[..., :7])
+    b = T.attention_with_lse(q, k[:, :, 7:], v[:, :, 7:], 0.3, allowed[..., 7:])
+    out, lse = T.merge(*a, *b)
+    s = (q.double().reshape(2, 2, 2, 9, 8) @ k.double().unsqueeze(2).transpose(-1, -2)).reshape(2, 4, 9, 20) * 0.3
+    s = s.masked_fill(~allowed, float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    torch.testing.assert_close(lse.double(), ref_lse)
+    ref = oracle(q, k, v, scale=0.3, mask=allowed)[0]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert (out[:, :, 3] == 0).all() and torch.isneginf(lse[:, :, 3]).all()
+    with pytest.raises(ValueError, match="merge"):
+        T.merge(a[0], a[1], b[0][..., :3], b[1])
+
+
+def test_grouped_query_attention_does_not_copy_kv(monkeypatch):
+    def no_copy(*a, **k):
+        raise AssertionError("K/V were repeated per head")
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_copy)
+    monkeypatch.setattr(torch.Tensor, "repeat", no_copy)
+    q, k = torch.randn(1, 8, 40, 8), torch.randn(1, 2, 40, 8)
+    for sm in (None, S.softcap(3.0)):
+        out = qkv.attention(q, k, k, mask=M.causal() & M.sliding_window(9), score_mod=sm, backend="tiled")
+        ref = qkv.attention(q, k, k, mask=M.causal() & M.sliding_window(9), score_mod=sm, backend="reference")
+        torch.testing.assert_close(out, ref)
+
+
+def test_no_lq_by_lk_tensor_is_ever_built(monkeypatch):
+    """Forward and backward at 8k x 8k, with a sliding window: every tensor torch allocates while
+    tiled runs is recorded (``TorchDispatchMode``) and none may hold Lq*Lk/8 elements; the mask is
+    never made dense."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    L = 8192
+    limit = L * L // 8
+    biggest = [0]
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    biggest[0] = max(biggest[0], t.numel())
+            return out
+
+    def no_dense(*a, **k):
+        raise AssertionError("to_dense called")
+
+    monkeypatch.setattr(M.Mask, "to_dense", no_dense)
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, L, 16, requires_grad=True)
+    k = torch.randn(1, 1, L, 16, requires_grad=True)
+    for mask in (M.causal() & M.sliding_window(64), M.causal()):
+        biggest[0] = 0
+        with Watch():
+            out = qkv.attention(q, k, k, mask=mask, backend="tiled")
+            out.sum().backward()
+        assert 0 < biggest[0] < limit, biggest[0]
+    with Watch():  # and what the check would see if something did build the matrix
+        biggest[0] = 0
+        qkv.attention(q[:, :, :2048], k[:, :, :2048], k[:, :, :2048], backend="reference")
+    assert biggest[0] >= 2048 * 2048
