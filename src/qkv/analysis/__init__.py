@@ -1,0 +1,48 @@
+"""See what attention heads attend to: capture weights from any model, measure heads, draw them.
+
+- :func:`capture` records every attention layer's weights ``(B, H, Lq, Lk)`` from one forward pass of a qkv
+  model, a module tree with ``torch.nn.MultiheadAttention``, or a Hugging Face model.
+- :mod:`qkv.analysis.measures`: per-head entropy, attention distance, mass on special tokens, punctuation,
+  self / previous / next token, head-to-head Jensen-Shannon distances and an MDS map, rollout and flow,
+  collapse diagnostics, head importance, and :func:`head_table`.
+- ``qkv inspect "text"`` (:func:`qkv.analysis.inspect.run_inspect`) does it all for a real model.
+"""
+
+from .capture import AttentionMaps, capture
+from .measures import (
+    attention_flow,
+    attention_rollout,
+    collapse,
+    head_ablation,
+    head_distances,
+    head_entropy,
+    head_importance,
+    head_table,
+    mass_on,
+    mds,
+    mean_distance,
+    offset_mass,
+    punctuation_positions,
+    special_positions,
+    strongest_heads,
+)
+
+__all__ = [
+    "AttentionMaps",
+    "attention_flow",
+    "attention_rollout",
+    "capture",
+    "collapse",
+    "head_ablation",
+    "head_distances",
+    "head_entropy",
+    "head_importance",
+    "head_table",
+    "mass_on",
+    "mds",
+    "mean_distance",
+    "offset_mass",
+    "punctuation_positions",
+    "special_positions",
+    "strongest_heads",
+]
