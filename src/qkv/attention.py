@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -184,13 +185,73 @@ def explain(
     return Explanation(name, reason, declined)
 
 
+def _available_memory(device: Any) -> int:
+    """Bytes free for new tensors on ``device`` (CUDA: the allocator's view; else MemAvailable)."""
+    try:
+        import torch
+
+        if getattr(device, "type", "cpu") == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+    except Exception:  # pragma: no cover - a device without the query
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) if hasattr(os, "sysconf") else 1 << 34
+
+
+#: ``auto`` takes ``tiled`` over SDPA-with-a-dense-mask when at most this fraction of tiles is non-empty
+#: (``python benchmarks/bench_tiled.py``: at 4k-8k tokens tiled is faster already for causal-like
+#: masks, ~50% of tiles, and 5-20x faster for windows and documents)
+TILED_MAX_LIVE = 0.6
+#: below this many (query, key) pairs a dense-mask SDPA call is cheaper than planning tiles
+TILED_MIN_PAIRS = 512 * 512
+
+
 def _plan(req: Request) -> tuple[str, str]:
     """The backend ``auto`` picks for ``req`` and the reason, in one sentence."""
-    sdpa = backends.get("sdpa")
-    why_not = sdpa.supports(req)
-    if why_not is None:
-        return "sdpa", "PyTorch's fused kernel serves this request and is the fastest exact backend here"
-    return "reference", f"sdpa declined ({why_not}); reference computes any request exactly"
+    from .backends.sdpa import is_square_causal
+
+    sdpa, tiled = backends.get("sdpa"), backends.get("tiled")
+    sdpa_why, tiled_why = sdpa.supports(req), tiled.supports(req)
+    own = sorted(set(req.options) & tiled.options)
+    if own and tiled_why is None:
+        return "tiled", f"the option(s) {', '.join(own)} belong to tiled"
+    if sdpa_why is None:
+        if req.mask is None or is_square_causal(req):
+            what = "no mask" if req.mask is None else "square causal (is_causal)"
+            return (
+                "sdpa",
+                f"PyTorch's fused kernel serves this request ({what}) with nothing to skip; fastest exact backend",
+            )
+        if tiled_why is not None:
+            return "sdpa", f"PyTorch's fused kernel serves this request; tiled declined ({tiled_why})"
+        dense = req.B * req.H * req.Lq * req.Lk * 4
+        free = _available_memory(req.device)
+        if dense > free // 2:
+            return "tiled", (
+                f"sdpa would build a dense {req.B}x{req.H}x{req.Lq}x{req.Lk} mask/bias (~{dense / 2**30:.1f} GiB)"
+                f" against {free / 2**30:.1f} GiB free; tiled needs O(L*D) memory"
+            )
+        if req.Lq * req.Lk < TILED_MIN_PAIRS:
+            return "sdpa", f"a small problem ({req.Lq}x{req.Lk}): one SDPA call with a dense mask is cheapest"
+        live, n = tiled.live_fraction(req)  # type: ignore[attr-defined]
+        if live <= TILED_MAX_LIVE and req.score_mod is None:
+            return "tiled", (
+                f"mask {req.mask!r} leaves {live:.0%} of {n} tiles non-empty; tiled skips the rest and is"
+                f" measured faster than sdpa with a dense mask at <= {TILED_MAX_LIVE:.0%}"
+            )
+        return "sdpa", (
+            f"mask {req.mask!r} leaves {live:.0%} of {n} tiles non-empty: too many to skip, sdpa with a dense"
+            " mask is as fast"
+        )
+    if tiled_why is None:
+        return "tiled", f"sdpa declined ({sdpa_why}); tiled computes it exactly in O(L*D) memory"
+    return "reference", f"sdpa declined ({sdpa_why}) and tiled declined ({tiled_why}); reference computes any request"
 
 
 def _validate(
