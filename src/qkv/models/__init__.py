@@ -3,11 +3,15 @@ ViT, RNN seq2seq with attention, state-space hybrids."""
 
 from .bert import BertConfig, BertEncoder, BertTokenizer, minilm, minilm_path
 from .gpt import GPT, GPTCache, sample_next
+from .transformer import Transformer, TransformerDecoder, TransformerEncoder
 
 __all__: list[str] = [
     "GPT",
     "GPTCache",
     "sample_next",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerEncoder",
     "BertConfig",
     "BertEncoder",
     "BertTokenizer",

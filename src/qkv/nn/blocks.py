@@ -31,6 +31,11 @@ _ACTS = ("relu", "gelu", "gelu_tanh", "swiglu")
 _NORMS = ("layer", "rms")
 
 
+def _dropout(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity()`` when ``p == 0`` (cheaper on the decoding path)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def make_norm(kind: str, dim: int, eps: float = 1e-5, bias: bool = True) -> nn.Module:
     """``"layer"``: ``nn.LayerNorm(dim)``; ``"rms"``: ``nn.RMSNorm(dim)`` (Zhang & Sennrich 2019)."""
     if kind == "layer":
@@ -62,7 +67,7 @@ class FeedForward(nn.Module):
         if activation not in _ACTS:
             raise ValueError(f"FeedForward: activation must be one of {_ACTS}, got {activation!r}")
         self.activation = activation
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _dropout(dropout)
         if activation == "swiglu":
             self.w_gate = nn.Linear(d_model, d_ff, bias=bias)
             self.w_up = nn.Linear(d_model, d_ff, bias=bias)
@@ -158,8 +163,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(d_model, d_ff or 4 * d_model, activation=activation, dropout=dropout, bias=bias)
         self.norm1 = make_norm(norm, d_model, eps, bias)
         self.norm2 = make_norm(norm, d_model, eps, bias)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = _dropout(dropout)
+        self.dropout2 = _dropout(dropout)
 
     def forward(
         self,
@@ -242,9 +247,9 @@ class DecoderBlock(nn.Module):
         self.norm1 = make_norm(norm, d_model, eps, bias)
         self.norm2 = make_norm(norm, d_model, eps, bias)
         self.norm3 = make_norm(norm, d_model, eps, bias)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout1 = _dropout(dropout)
+        self.dropout2 = _dropout(dropout)
+        self.dropout3 = _dropout(dropout)
 
     def forward(
         self,
