@@ -76,7 +76,7 @@ def test_causal_never_sees_the_future(chunk: int) -> None:
         dq, dk, dv = torch.autograd.grad(out[:, :, t].sum(), (q, k, v), retain_graph=True)
         for g in (dq, dk, dv):
             assert (g[:, :, t + 1 :] == 0).all(), f"output {t} depends on a later input"
-        assert dk[:, :, t].abs().sum() > 0  # and it does see its own position
+        assert dv[:, :, t].abs().sum() > 0  # and it does see its own position
 
 
 def test_recurrent_step_equals_parallel() -> None:

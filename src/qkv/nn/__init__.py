@@ -6,6 +6,8 @@ from .attention import MultiHeadAttention, TorchMasks, masks_from_torch
 from .base import AttentionModule, BackendSwitch, capture_weights, set_backend
 from .blocks import DecoderBlock, EncoderBlock, FeedForward, TransformerBlock, make_norm
 from .cache import FixedKVCache, GrowingKVCache, KVCache, SlidingWindowKVCache, StaticKVCache, at_positions
+from .linear_attention import LinearSelfAttention
+from .linformer import LinformerSelfAttention
 from .positional import (
     ALiBi,
     LearnedPositionalEmbedding,
@@ -14,6 +16,7 @@ from .positional import (
     T5RelativeBias,
     sinusoidal_table,
 )
+from .ssm import HybridStack, SelectiveSSM, SSMState
 
 __all__ = [
     "ALiBi",
@@ -26,10 +29,15 @@ __all__ = [
     "FeedForward",
     "FixedKVCache",
     "GrowingKVCache",
+    "HybridStack",
     "KVCache",
     "LearnedPositionalEmbedding",
+    "LinearSelfAttention",
+    "LinformerSelfAttention",
     "MultiHeadAttention",
     "RotaryEmbedding",
+    "SSMState",
+    "SelectiveSSM",
     "SinusoidalPositionalEncoding",
     "SlidingWindowKVCache",
     "StaticKVCache",
