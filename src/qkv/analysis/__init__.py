@@ -5,6 +5,8 @@
 - :mod:`qkv.analysis.measures`: per-head entropy, attention distance, mass on special tokens, punctuation,
   self / previous / next token, head-to-head Jensen-Shannon distances and an MDS map, rollout and flow,
   collapse diagnostics, head importance, and :func:`head_table`.
+- Pictures: :func:`plot_head`, :func:`plot_grid`, :func:`plot_alignment` (matplotlib PNGs) and
+  :func:`write_viewer`, one self-contained interactive HTML page for every layer and head.
 - ``qkv inspect "text"`` (:func:`qkv.analysis.inspect.run_inspect`) does it all for a real model.
 """
 
@@ -26,6 +28,8 @@ from .measures import (
     special_positions,
     strongest_heads,
 )
+from .render import downsample_max, plot_alignment, plot_grid, plot_head
+from .viewer import write_viewer
 
 __all__ = [
     "AttentionMaps",
@@ -45,4 +49,9 @@ __all__ = [
     "punctuation_positions",
     "special_positions",
     "strongest_heads",
+    "downsample_max",
+    "plot_alignment",
+    "plot_grid",
+    "plot_head",
+    "write_viewer",
 ]
