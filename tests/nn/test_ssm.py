@@ -110,3 +110,22 @@ def test_hybrid_stack_is_causal_and_trains() -> None:
         assert (g[:, t + 1 :] == 0).all(), t
     with pytest.raises(ValueError, match="pattern"):
         HybridStack(16, 2, "AXM")
+
+
+def test_gpt_hybrid_decodes_with_cache() -> None:
+    from qkv.models import GPT
+    from qkv.nn.ssm import hybrid_mixers
+
+    torch.manual_seed(0)
+    gpt = GPT(50, 16, 4, 2, max_len=32, d_ff=32, mixer_factory=hybrid_mixers("AMLM", 16, 2, d_state=4)).double()
+    kinds = [type(b.mixer).__name__ for b in gpt.blocks]
+    assert kinds == ["MultiHeadAttention", "SelectiveSSM", "LinearSelfAttention", "SelectiveSSM"]
+    idx = torch.randint(0, 50, (2, 12))
+    full = gpt(idx)
+    cache = gpt.make_cache(12)
+    parts = [gpt(idx[:, :7], cache=cache)] + [gpt(idx[:, t : t + 1], cache=cache) for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-9, atol=1e-9)
+    prompt = idx[:, :3]
+    torch.testing.assert_close(
+        gpt.generate(prompt, 6, temperature=0), gpt.generate(prompt, 6, temperature=0, use_cache=False)
+    )

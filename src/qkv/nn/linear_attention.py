@@ -14,19 +14,29 @@ layers into exact softmax attention with the same weights (to measure what the a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..attention import attention
-from ..backends.linear import LinearAttentionState, step
+from ..backends.linear import LinearAttentionState, elu_feature_map, is_causal_mask, step
 from ..backends.performer import draw_projection
 from ..masks import MaskLike, as_mask
 from ..scores import ScoreMod, ScoreModFn
 from .base import AttentionModule
 
-__all__ = ["LinearSelfAttention"]
+__all__ = ["LinearAttentionCache", "LinearSelfAttention"]
+
+
+@dataclass
+class LinearAttentionCache:
+    """A decoding cache for causal linear attention: the ``O(1)`` state after the tokens seen so far
+    (``None`` before the first call). Made by :meth:`LinearSelfAttention.init_cache`."""
+
+    state: LinearAttentionState | None = None
+
 
 _KINDS = ("linear", "performer", "nystrom")
 
@@ -119,11 +129,15 @@ class LinearSelfAttention(AttentionModule):
         score_mod: ScoreMod | ScoreModFn | None = None,
         cache: Any = None,
     ) -> Tensor:
-        """``x (B, L, E) -> (B, L, E)``. ``cache`` must be ``None`` (decode with :meth:`step`)."""
+        """``x (B, L, E) -> (B, L, E)``.
+
+        ``cache`` (``kind="linear"``, ``mask=causal()``): a :class:`LinearAttentionCache` from
+        :meth:`init_cache`; ``x`` holds the tokens after those the cache has seen, and the cache
+        advances (the GPT decoding hook)."""
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"LinearSelfAttention: x must be (B, L, {self.embed_dim}), got {tuple(x.shape)}")
         if cache is not None:
-            raise ValueError("LinearSelfAttention: no KV cache; decode token by token with step()")
+            return self._cached(x, cache, mask, score_mod)
         if self.kind == "performer" and self.training and self.redraw_interval > 0:
             if self._calls and self._calls % self.redraw_interval == 0:
                 self.redraw_features()
@@ -132,6 +146,30 @@ class LinearSelfAttention(AttentionModule):
         q, k, v = self._heads(x)
         out = self.attend(q, k, v, mask=as_mask(mask), score_mod=score_mod, **self._options())
         return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
+
+    def init_cache(self, max_len: int | None = None) -> LinearAttentionCache:
+        """An empty :class:`LinearAttentionCache` (``kind="linear"`` only); ``max_len`` is ignored."""
+        if self.kind != "linear":
+            raise NotImplementedError(f"LinearSelfAttention: kind={self.kind!r} has no recurrent form to cache")
+        return LinearAttentionCache()
+
+    def _cached(self, x: Tensor, cache: Any, mask: MaskLike | None, score_mod: ScoreMod | ScoreModFn | None) -> Tensor:
+        if not isinstance(cache, LinearAttentionCache):
+            raise TypeError(f"LinearSelfAttention: cache must be a LinearAttentionCache, got {type(cache).__name__}")
+        if self.kind != "linear" or self.backend != "linear" or not is_causal_mask(as_mask(mask)) or score_mod:
+            raise ValueError("LinearSelfAttention: a cache serves kind='linear' with mask=causal() and no score_mod")
+        B, L, _ = x.shape
+        if cache.state is None and L > 1:  # prefill: the parallel form, then the state of all L tokens
+            q, k, v = self._heads(x)
+            out = attention(q, k, v, mask=as_mask(mask), backend="linear", chunk_size=self.chunk_size)
+            fk = elu_feature_map(k)
+            cache.state = LinearAttentionState(fk.transpose(-1, -2) @ v, fk.sum(-2), L)
+            return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
+        outs = []
+        for t in range(L):
+            o, cache.state = self.step(x[:, t], cache.state)
+            outs.append(o)
+        return torch.stack(outs, 1)
 
     def step(self, x_t: Tensor, state: LinearAttentionState | None = None) -> tuple[Tensor, LinearAttentionState]:
         """Causal decoding of one token (``kind="linear"`` only): ``x_t (B, E)`` -> ``(B, E)`` and the

@@ -24,6 +24,7 @@ Performer attention. Each block is a :class:`qkv.nn.blocks.TransformerBlock` wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,14 @@ from ..backends.linear import is_causal_mask
 from ..masks import MaskLike, as_mask
 from ..scores import ScoreMod, ScoreModFn
 
-__all__ = ["HybridStack", "SSMState", "SelectiveSSM", "selective_scan", "selective_scan_sequential"]
+__all__ = [
+    "HybridStack",
+    "SSMState",
+    "SelectiveSSM",
+    "hybrid_mixers",
+    "selective_scan",
+    "selective_scan_sequential",
+]
 
 
 def _check_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
@@ -129,13 +137,14 @@ class SSMState:
     """What :class:`SelectiveSSM` carries between tokens when decoding.
 
     Attributes:
-        conv: the last ``d_conv - 1`` inputs of the short convolution ``(B, Di, d_conv - 1)``.
-        h: the state ``(B, Di, N)``.
+        conv: the last ``d_conv - 1`` inputs of the short convolution ``(B, Di, d_conv - 1)``;
+            ``None`` (zeros, sized on first use) in a fresh state from :meth:`SelectiveSSM.init_cache`.
+        h: the state ``(B, Di, N)``; ``None`` likewise.
         seen: tokens consumed so far.
     """
 
-    conv: Tensor
-    h: Tensor
+    conv: Tensor | None = None
+    h: Tensor | None = None
     seen: int = 0
 
 
@@ -202,6 +211,11 @@ class SelectiveSSM(nn.Module):
             torch.zeros(batch, self.d_inner, self.d_state, device=dev, dtype=dt),
         )
 
+    def init_cache(self, max_len: int | None = None) -> SSMState:
+        """An empty :class:`SSMState` (sized on first use): the hook ``qkv.models.GPT`` calls to decode
+        with a cache. ``max_len`` is ignored: the state does not grow."""
+        return SSMState()
+
     def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dbc = self.x_proj(xc)
         dt_low, Bm, Cm = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -239,7 +253,9 @@ class SelectiveSSM(nn.Module):
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, Di)
         if self.conv is not None:
             xt = xi.transpose(1, 2)  # (B, Di, L)
-            prev = cache.conv if cache is not None else xt.new_zeros(Bsz, self.d_inner, self.d_conv - 1)
+            prev = cache.conv if cache is not None and cache.conv is not None else None
+            if prev is None:
+                prev = xt.new_zeros(Bsz, self.d_inner, self.d_conv - 1)
             xt = torch.cat([prev.to(xt.dtype), xt], dim=-1)
             if cache is not None:
                 cache.conv = xt[:, :, xt.shape[-1] - (self.d_conv - 1) :].detach()
@@ -263,20 +279,58 @@ class SelectiveSSM(nn.Module):
         if x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
             raise ValueError(f"SelectiveSSM.step: x_t must be (B, {self.d_model}), got {tuple(x_t.shape)}")
         xi, z = self.in_proj(x_t).chunk(2, dim=-1)  # (B, Di)
-        conv = state.conv
+        B = x_t.shape[0]
+        conv = state.conv if state.conv is not None else xi.new_zeros(B, self.d_inner, max(self.d_conv - 1, 0))
+        h0 = state.h if state.h is not None else xi.new_zeros(B, self.d_inner, self.d_state)
         if self.conv is not None:
-            window = torch.cat([state.conv, xi.unsqueeze(-1)], dim=-1)  # (B, Di, d_conv)
+            window = torch.cat([conv, xi.unsqueeze(-1)], dim=-1)  # (B, Di, d_conv)
             xi = (window * self.conv.weight[:, 0]).sum(-1) + (self.conv.bias if self.conv.bias is not None else 0.0)
             conv = window[:, :, 1:]
         xc = F.silu(xi)
         delta, A, Bm, Cm = self._ssm_params(xc)
         dt = delta.unsqueeze(-1)
-        h = torch.exp(dt * A) * state.h + dt * xc.unsqueeze(-1) * Bm.unsqueeze(1)
+        h = torch.exp(dt * A) * h0 + dt * xc.unsqueeze(-1) * Bm.unsqueeze(1)
         y = (h * Cm.unsqueeze(1)).sum(-1) + self.D * xc
         return self.out_proj(y * F.silu(z)), SSMState(conv, h, state.seen + 1)
 
 
 _MIXERS = "AMLP"
+
+
+def _check_pattern(pattern: str) -> None:
+    if not isinstance(pattern, str) or not pattern or any(c not in _MIXERS for c in pattern):
+        raise ValueError(f"pattern must be a non-empty string of the letters {_MIXERS}, got {pattern!r}")
+
+
+def _mixer(c: str, d_model: int, n_heads: int, d_state: int, expand: int, num_features: int) -> nn.Module | None:
+    if c == "M":
+        return SelectiveSSM(d_model, d_state=d_state, expand=expand)
+    if c in "LP":
+        from .linear_attention import LinearSelfAttention
+
+        kind = "linear" if c == "L" else "performer"
+        return LinearSelfAttention(d_model, n_heads, kind, num_features=num_features)
+    return None
+
+
+def hybrid_mixers(
+    pattern: str, d_model: int, n_heads: int, *, d_state: int = 16, expand: int = 2, num_features: int = 64
+) -> Callable[[int], nn.Module | None]:
+    """A ``mixer_factory`` for :class:`qkv.models.GPT` that makes a hybrid language model::
+
+        GPT(vocab, 128, n_layers=4, n_heads=4, max_len=512, mixer_factory=hybrid_mixers("AMAM", 128, 4))
+
+    Layer ``i`` gets the mixer of letter ``pattern[i % len(pattern)]``: ``A`` keeps GPT's attention,
+    ``M`` a :class:`SelectiveSSM`, ``L`` linear and ``P`` Performer attention. All of them decode with
+    GPT's cache (``GPT.generate(use_cache=True)``). GPT must use full causal attention (``window=None``)
+    and no ALiBi (``pos != "alibi"``) when the pattern holds ``M``, ``L`` or ``P``.
+    """
+    _check_pattern(pattern)
+
+    def factory(i: int) -> nn.Module | None:
+        return _mixer(pattern[i % len(pattern)], d_model, n_heads, d_state, expand, num_features)
+
+    return factory
 
 
 class HybridStack(nn.Module):
@@ -315,20 +369,12 @@ class HybridStack(nn.Module):
     ) -> None:
         super().__init__()
         from .blocks import TransformerBlock
-        from .linear_attention import LinearSelfAttention
 
-        if not pattern or any(c not in _MIXERS for c in pattern):
-            raise ValueError(f"HybridStack: pattern must be a non-empty string of letters {_MIXERS}, got {pattern!r}")
+        _check_pattern(pattern)
         self.pattern = pattern
         blocks = []
         for c in pattern:
-            mixer: nn.Module | None = None
-            if c == "M":
-                mixer = SelectiveSSM(d_model, d_state=d_state, expand=expand)
-            elif c in "LP":
-                mixer = LinearSelfAttention(
-                    d_model, n_heads, kind="linear" if c == "L" else "performer", num_features=num_features
-                )
+            mixer = _mixer(c, d_model, n_heads, d_state, expand, num_features)
             blocks.append(TransformerBlock(d_model, n_heads, d_ff, dropout=dropout, norm_first=True, mixer=mixer))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d_model)
