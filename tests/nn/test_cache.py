@@ -1,0 +1,119 @@
+"""KV caches: decoding token by token (or in chunks) gives what recomputing the whole prefix gives,
+for every cache kind, with GQA, RoPE, ALiBi and sliding windows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from qkv.masks import Mask, causal, padding, sliding_window
+from qkv.nn import (
+    FixedKVCache,
+    GrowingKVCache,
+    KVCache,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    SlidingWindowKVCache,
+    StaticKVCache,
+)
+from qkv.scores import ScoreMod, alibi
+
+D64 = torch.float64
+KINDS: dict[str, Callable[[int], KVCache]] = {
+    "growing": lambda n: GrowingKVCache(),
+    "fixed": lambda n: FixedKVCache(n),
+}
+
+
+def _decode(
+    m: MultiHeadAttention, x: torch.Tensor, cache: KVCache, chunks: list[int], mask: Mask, mod: ScoreMod | None
+) -> torch.Tensor:
+    outs, t = [], 0
+    for c in chunks:
+        outs.append(m(x[:, t : t + c], mask=mask, score_mod=mod, cache=cache))
+        t += c
+    assert t == x.shape[1] and cache.seen == t
+    return torch.cat(outs, dim=1)
+
+
+CHUNKS = [[1] * 12, [5, 1, 1, 3, 1, 1], [12], [2, 7, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("kind", ["growing", "fixed"])
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+@pytest.mark.parametrize("pos", ["none", "rope", "alibi"])
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_cache_equals_recompute(kind: str, Hkv: int, pos: str, chunks: list[int]) -> None:
+    torch.manual_seed(0)
+    m = MultiHeadAttention(16, 4, num_kv_heads=Hkv, rope=RotaryEmbedding(4) if pos == "rope" else None).double()
+    m.eval()
+    mod = alibi(4) if pos == "alibi" else None
+    x = torch.randn(2, 12, 16, dtype=D64)
+    with torch.no_grad():
+        want = m(x, mask=causal(), score_mod=mod)
+        got = _decode(m, x, KINDS[kind](12), chunks, causal(), mod)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 20])
+@pytest.mark.parametrize("Hkv", [4, 2])
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@pytest.mark.parametrize("chunks", CHUNKS + [[4, 4, 4], [1, 9, 1, 1]])
+def test_ring_buffer_equals_windowed_recompute(window: int, Hkv: int, pos: str, chunks: list[int]) -> None:
+    torch.manual_seed(0)
+    m = MultiHeadAttention(16, 4, num_kv_heads=Hkv, rope=RotaryEmbedding(4) if pos == "rope" else None).double()
+    m.eval()
+    mod = alibi(4) if pos == "alibi" else None
+    mask = sliding_window(window - 1)
+    x = torch.randn(2, 12, 16, dtype=D64)
+    cache = SlidingWindowKVCache(window)
+    with torch.no_grad():
+        want = m(x, mask=mask, score_mod=mod)
+        got = _decode(m, x, cache, chunks, mask, mod)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert cache.k is not None and cache.k.shape[2] == window  # memory stays O(window)
+
+
+def test_ring_buffer_with_absolute_position_mask() -> None:
+    """A mask on absolute key positions (the first two tokens hidden, as left padding would) is rebuilt
+    on the positions the ring holds once it has wrapped around."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(8, 2).double().eval()
+    mask = sliding_window(3) & ~padding(2)
+    x = torch.randn(1, 10, 8, dtype=D64)
+    with torch.no_grad():
+        want = m(x, mask=mask)
+        got = _decode(m, x, SlidingWindowKVCache(4), [2, 1, 1, 3, 1, 1, 1], mask, None)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_static_cache_for_cross_attention() -> None:
+    torch.manual_seed(0)
+    m = MultiHeadAttention(8, 2, kdim=6).double().eval()
+    x, mem = torch.randn(2, 5, 8, dtype=D64), torch.randn(2, 7, 6, dtype=D64)
+    sc = StaticKVCache()
+    with torch.no_grad():
+        want = m(x, mem)
+        got = torch.cat([m(x[:, :1], mem, cache=sc)] + [m(x[:, t : t + 1], None, cache=sc) for t in range(1, 5)], 1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_growing_cache_under_autograd_and_errors() -> None:
+    m = MultiHeadAttention(8, 2).double()
+    x = torch.randn(1, 4, 8, dtype=D64, requires_grad=True)
+    c = GrowingKVCache()
+    out = torch.cat([m(x[:, t : t + 1], mask=causal(), cache=c) for t in range(4)], 1)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(m(x, mask=causal()).sum(), x)
+    torch.testing.assert_close(g, g_ref)
+    f = FixedKVCache(3)
+    with torch.no_grad():
+        m(x[:, :3], mask=causal(), cache=f)
+        with pytest.raises(ValueError, match="max_len=3"):
+            m(x[:, 3:], mask=causal(), cache=f)
+    with pytest.raises(ValueError, match="window"):
+        SlidingWindowKVCache(0)
+    with pytest.raises(ValueError, match="KVCache is for self-attention"):
+        m(x, x, cache=GrowingKVCache())
