@@ -198,14 +198,14 @@ class TransformerBlock(nn.Module):
             bias=layer.linear1.bias is not None,
             eps=layer.norm1.eps,
         )
+        p = next(layer.parameters())
+        new.to(device=p.device, dtype=p.dtype)  # before copying, so that no weight is rounded
         new.mixer = MultiHeadAttention.from_torch(sa)
         with torch.no_grad():
             _copy_linear(new.ff.linear1, layer.linear1)
             _copy_linear(new.ff.linear2, layer.linear2)
             _copy_norm(new.norm1, layer.norm1)
             _copy_norm(new.norm2, layer.norm2)
-        p = next(layer.parameters())
-        new.to(device=p.device, dtype=p.dtype)
         new.train(layer.training)
         return new
 
@@ -304,6 +304,8 @@ class DecoderBlock(nn.Module):
             bias=layer.linear1.bias is not None,
             eps=layer.norm1.eps,
         )
+        p = next(layer.parameters())
+        new.to(device=p.device, dtype=p.dtype)  # before copying, so that no weight is rounded
         new.self_attn = MultiHeadAttention.from_torch(sa)
         new.cross_attn = MultiHeadAttention.from_torch(layer.multihead_attn)
         with torch.no_grad():
@@ -312,7 +314,5 @@ class DecoderBlock(nn.Module):
             _copy_norm(new.norm1, layer.norm1)
             _copy_norm(new.norm2, layer.norm2)
             _copy_norm(new.norm3, layer.norm3)
-        p = next(layer.parameters())
-        new.to(device=p.device, dtype=p.dtype)
         new.train(layer.training)
         return new
