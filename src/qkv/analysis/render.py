@@ -32,6 +32,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 MAX_TICK_LABELS = 60
 #: a head's matrix is max-pooled down to at most this many cells per side for display
 MAX_DISPLAY = 512
+#: the same for each small panel of :func:`plot_grid`
+_GRID_DISPLAY = 160
 _CMAP = "viridis"
 
 
@@ -50,12 +52,17 @@ def _matrix(weights: ArrayLike, name: str, ndim: int) -> np.ndarray:
     return arr
 
 
+def _text(s: object) -> str:
+    """A label matplotlib prints as written: ``$`` would otherwise start mathtext."""
+    return str(s).replace("$", r"\$")
+
+
 def _tokens(tokens: Sequence[str] | None, n: int, name: str, axis: str) -> list[str] | None:
     if tokens is None:
         return None
     if isinstance(tokens, str):
         raise TypeError(f"{name} must be a sequence of strings, not a single str")
-    toks = [str(t) for t in tokens]
+    toks = [_text(t) for t in tokens]
     if len(toks) != n:
         raise ValueError(f"{name} has {len(toks)} tokens but the weights have {n} {axis}")
     return toks
@@ -65,7 +72,7 @@ def downsample_max(matrix: np.ndarray, max_size: int = MAX_DISPLAY) -> np.ndarra
     """Max-pool a ``(rows, cols)`` matrix so that neither side exceeds ``max_size``.
 
     Each output cell is the maximum of a block of ``ceil(rows / max_size) x ceil(cols / max_size)``
-    input cells (the last block padded with the matrix minimum); a matrix already small enough is
+    input cells (the last blocks may be smaller); a matrix already small enough is
     returned unchanged. Max-pooling, not averaging, keeps a single strong weight visible.
     """
     if matrix.ndim != 2:
@@ -76,10 +83,9 @@ def downsample_max(matrix: np.ndarray, max_size: int = MAX_DISPLAY) -> np.ndarra
     fr, fc = math.ceil(rows / max_size), math.ceil(cols / max_size)
     if fr == 1 and fc == 1:
         return matrix
-    pr, pc = math.ceil(rows / fr) * fr, math.ceil(cols / fc) * fc
-    padded = np.full((pr, pc), matrix.min(), dtype=matrix.dtype)
-    padded[:rows, :cols] = matrix
-    return padded.reshape(pr // fr, fr, pc // fc, fc).max(axis=(1, 3))
+    t = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))[None, None]
+    pooled = torch.nn.functional.max_pool2d(t, (fr, fc), stride=(fr, fc), ceil_mode=True)
+    return pooled[0, 0].numpy()
 
 
 def _label_axis(ax: Axes, which: Literal["x", "y"], tokens: list[str] | None, n: int, fontsize: float) -> None:
@@ -106,10 +112,10 @@ def _nice_step(n: int, target: int = 8) -> int:
     return int(10 * mag)
 
 
-def _imshow(ax: Axes, m: np.ndarray, vmax: float | None = None) -> Any:
+def _imshow(ax: Axes, m: np.ndarray, vmax: float | None = None, max_size: int = MAX_DISPLAY) -> Any:
     """Draw ``m`` with axis coordinates in token positions even when it is downsampled."""
     rows, cols = m.shape
-    shown = downsample_max(m)
+    shown = downsample_max(m, max_size)
     vmax = float(m.max()) if vmax is None else vmax
     return ax.imshow(
         shown,
@@ -165,7 +171,7 @@ def plot_head(
     ax.set_ylabel("query")
     fig.colorbar(im, ax=ax, shrink=0.8, label="weight")
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(_text(title), fontsize=10)
     return _save(fig, path)
 
 
@@ -213,7 +219,7 @@ def plot_alignment(
     ax.set_ylabel("output")
     fig.colorbar(im, ax=ax, shrink=0.8, label="attention")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(_text(title), fontsize=10)
     return _save(fig, path)
 
 
@@ -267,18 +273,18 @@ def plot_grid(
             if h >= m.shape[0]:
                 ax.axis("off")
                 continue
-            _imshow(ax, m[h])
+            _imshow(ax, m[h], max_size=_GRID_DISPLAY)
             ax.set_xticks([])
             ax.set_yticks([])
             if li == 0:
                 ax.set_title(f"H{h}", fontsize=8)
             if h == 0:
-                ax.set_ylabel(names[li], fontsize=8)
+                ax.set_ylabel(_text(names[li]), fontsize=8)
             if label_tokens and li == n_layers - 1 and h == 0 and m.shape[1:] == (lq, lk):
                 ax.set_xticks(range(lk))
                 ax.set_xticklabels(kt, rotation=90, fontsize=5)  # type: ignore[arg-type]
                 ax.set_yticks(range(lq))
                 ax.set_yticklabels(qt, fontsize=5)  # type: ignore[arg-type]
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(_text(title), fontsize=10)
     return _save(fig, path)

@@ -10,7 +10,7 @@
   const layerSel = $("layer"), headSel = $("head"), note = $("note"), readout = $("readout");
   const scroller = $("scroller"), spacer = $("spacer"), lines = $("lines"), heat = $("heat");
   const body = document.body;
-  const state = { layer: 0, head: 0, hover: null, views: null };
+  const state = { layer: 0, head: 0, hover: null, views: null, stripW: 0 };
   let buf = null;
 
   function b64bytes(s) {
@@ -86,7 +86,8 @@
   function layoutScroller() {
     const L = meta.layers[state.layer];
     const total = Math.max(L.Lq, L.Lk) * ROW_H + 8;
-    const viewH = Math.min(scroller.clientHeight, total);
+    const viewH = Math.min(Math.max(300, Math.round(window.innerHeight * 0.68)), total);
+    scroller.style.height = viewH + "px";
     spacer.style.height = Math.max(0, total - viewH) + "px";
     return viewH;
   }
@@ -98,8 +99,11 @@
     const ctx = sizeCanvas(lines, W, viewH);
     ctx.clearRect(0, 0, W, viewH);
     const top = scroller.scrollTop;
-    const colW = Math.min(190, Math.floor(W * 0.36));
-    const xq = colW, xk = W - colW;          // right edge of query text, left edge of key text
+    const long = Math.max(L.Lq, L.Lk) * ROW_H + 8 > viewH;
+    const stripW = long ? 14 : 0;             // overview of the whole sequence when it does not fit
+    state.stripW = stripW;
+    const colW = Math.min(190, Math.floor((W - 2 * stripW) * 0.36));
+    const xq = colW + stripW, xk = W - colW - stripW;          // right edge of query text, left edge of key text
     const y = (i) => i * ROW_H + ROW_H / 2 + 4 - top;
     const first = Math.max(0, Math.floor((top - 4) / ROW_H));
     const last = Math.ceil((top + viewH) / ROW_H);
@@ -133,8 +137,8 @@
     const numW = 34;
     const tok = (toks, i, x, align, hi) => {
       const yy = y(i);
-      if (hi !== undefined) {
-        ctx.fillStyle = "rgba(37, 99, 235," + (0.12 + 0.6 * hi).toFixed(3) + ")";
+      if (hi !== undefined && hi >= 0.02) {
+        ctx.fillStyle = "rgba(37, 99, 235," + (0.08 + 0.67 * hi).toFixed(3) + ")";
         const w = colW - numW;
         ctx.fillRect(align === "right" ? x - w : x, yy - ROW_H / 2 + 1, w, ROW_H - 2);
       }
@@ -143,14 +147,34 @@
       ctx.fillText(clip(toks[i], 22), align === "right" ? x - 3 : x + 3, yy);
       ctx.fillStyle = "#9ca3af";
       ctx.textAlign = align === "right" ? "left" : "right";
-      ctx.fillText(String(i), align === "right" ? 2 : W - 2, yy);
+      ctx.fillText(String(i), align === "right" ? stripW + 2 : W - stripW - 2, yy);
     };
     ctx.save();
     for (let i = first; i <= Math.min(last, L.Lq - 1); i++) tok(qt, i, xq, "right", hiQ.get(i));
     for (let j = first; j <= Math.min(last, L.Lk - 1); j++) tok(kt, j, xk, "left", hiK.get(j));
     ctx.restore();
+    if (long) drawOverview(ctx, L, W, viewH, stripW, top, hiQ, hiK);
     lines.dataset.lines = String(drawn);
     body.dataset.lines = String(drawn);
+  }
+
+  // Two thin strips at the edges map the whole sequence onto the view height: the hovered token's
+  // weights as ticks (queries left, keys right) and the part of the sequence now on screen as a box.
+  function drawOverview(ctx, L, W, viewH, stripW, top, hiQ, hiK) {
+    const pad = 3, h = viewH - 2 * pad;
+    const strip = (x, n, hi) => {
+      ctx.fillStyle = "#f1f5f9"; ctx.fillRect(x, pad, stripW - 4, h);
+      ctx.fillStyle = "rgba(100, 116, 139, 0.25)";
+      const y0 = pad + (top / (n * ROW_H)) * h, y1 = pad + ((top + viewH) / (n * ROW_H)) * h;
+      ctx.fillRect(x, y0, stripW - 4, Math.max(2, Math.min(pad + h, y1) - y0));
+      for (const [i, rel] of hi) {
+        if (rel < 0.02 || i >= n) continue;
+        ctx.fillStyle = "rgba(37, 99, 235," + (0.25 + 0.75 * rel).toFixed(3) + ")";
+        ctx.fillRect(x, pad + ((i + 0.5) / n) * h - 1, stripW - 4, 2);
+      }
+    };
+    strip(1, L.Lq, hiQ);
+    strip(W - stripW + 3, L.Lk, hiK);
   }
 
   // ---- heatmap ----
@@ -332,10 +356,18 @@
     const rect = lines.getBoundingClientRect();
     const x = ev.clientX - rect.left, yy = ev.clientY - rect.top + scroller.scrollTop - 4;
     const i = Math.floor(yy / ROW_H), L = meta.layers[state.layer];
+    if (x < state.stripW || x > rect.width - state.stripW) return null;
     const side = x < rect.width / 2 ? "q" : "k";
     return i >= 0 && i < (side === "q" ? L.Lq : L.Lk) ? [side, i] : null;
   }
   lines.addEventListener("mousemove", (ev) => { const t = tokenAt(ev); if (t) hover(t[0], t[1]); });
+  lines.addEventListener("click", (ev) => {
+    const rect = lines.getBoundingClientRect(), x = ev.clientX - rect.left, L = meta.layers[state.layer];
+    const sw = state.stripW;
+    if (!sw || (x > sw && x < rect.width - sw)) return;
+    const n = x <= sw ? L.Lq : L.Lk, frac = (ev.clientY - rect.top - 3) / (rect.height - 6);
+    scroller.scrollTop = Math.max(0, frac * n * ROW_H - rect.height / 2);
+  });
   lines.addEventListener("mouseleave", () => hover(null));
   scroller.addEventListener("scroll", () => drawLines(), { passive: true });
   heat.addEventListener("mousemove", (ev) => {

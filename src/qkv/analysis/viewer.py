@@ -40,19 +40,19 @@ DEFAULT_MAX_CELLS = 2_000_000
 _MIN_TOP_K, _MAX_TOP_K = 8, 64
 
 
-def _layer_array(w: Any, i: int) -> np.ndarray:
+def _layer_array(w: Any, i: int) -> torch.Tensor:
     name = f"weights[{i}]"
     if isinstance(w, torch.Tensor):
-        a = w.detach().to("cpu", torch.float32).numpy()
+        a = w.detach().to("cpu", torch.float32)
     elif isinstance(w, np.ndarray):
-        a = w.astype(np.float32, copy=False)
+        a = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     else:
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(w).__name__}")
     if a.ndim == 4:
         a = a[0]
     if a.ndim != 3 or 0 in a.shape:
         raise ValueError(f"{name} must be (H, Lq, Lk) or (B, H, Lq, Lk) and non-empty, got shape {tuple(w.shape)}")
-    if not np.isfinite(a).all():
+    if not bool(torch.isfinite(a).all()):
         raise ValueError(f"{name} contains NaN or inf (shape {tuple(a.shape)})")
     if a.shape[2] > 65535:
         raise ValueError(f"{name} has Lk={a.shape[2]} keys; the viewer stores key indices as uint16 (<= 65535)")
@@ -68,7 +68,7 @@ def _str_list(x: Any, name: str) -> list[str] | None:
     return None
 
 
-def _resolve_tokens(tokens: Any, layers: list[np.ndarray]) -> tuple[list[list[str]], list[tuple[int, int]]]:
+def _resolve_tokens(tokens: Any, layers: list[torch.Tensor]) -> tuple[list[list[str]], list[tuple[int, int]]]:
     """Unique token lists and, per layer, the indices of its (query, key) token lists."""
     n = len(layers)
     pairs: list[tuple[list[str], list[str]]]
@@ -105,7 +105,7 @@ def _resolve_tokens(tokens: Any, layers: list[np.ndarray]) -> tuple[list[list[st
         return len(uniq) - 1
 
     for i, ((q, k), a) in enumerate(zip(pairs, layers)):
-        if (len(q), len(k)) != a.shape[1:]:
+        if (len(q), len(k)) != tuple(a.shape[1:]):
             raise ValueError(
                 f"layer {i} has weights (H, Lq, Lk) = {tuple(a.shape)} but {len(q)} query and {len(k)} key tokens"
             )
@@ -142,22 +142,28 @@ def _table(rows: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
     return {"columns": cols, "rows": [[r.get(c) for c in cols] for r in out]}
 
 
-def _quantise(a: np.ndarray, k: int | None) -> tuple[bytes, bytes | None, bytes, float, float]:
-    """(rowmax f32, idx u16 or None, vals u8, mean kept mass, min kept mass) for one layer (H, Lq, Lk)."""
-    a = np.clip(a, 0.0, None)
+def _quantise(a: torch.Tensor, k: int | None) -> tuple[bytes, bytes | None, bytes, float, float]:
+    """(rowmax f32, idx u16 or None, vals u8, mean kept mass, min kept mass) for one layer ``(H, Lq, Lk)``."""
+    a = a.clamp_min(0.0)
+    idx: torch.Tensor | None = None
     if k is not None:
-        idx = np.argpartition(-a, k - 1, axis=-1)[..., :k]
-        idx.sort(axis=-1)
-        vals = np.take_along_axis(a, idx, axis=-1)
+        idx = torch.topk(a, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+        vals = torch.gather(a, -1, idx)
         total = a.sum(-1)
-        kept = np.where(total > 0, vals.sum(-1) / np.where(total > 0, total, 1.0), 1.0)
+        kept = torch.where(total > 0, vals.sum(-1) / total.clamp_min(1e-30), torch.ones_like(total))
     else:
-        vals, idx, kept = a, None, np.ones(a.shape[:2])
-    rowmax = vals.max(-1) if vals.size else np.zeros(a.shape[:2])
-    scale = np.where(rowmax > 0, 255.0 / np.where(rowmax > 0, rowmax, 1.0), 0.0)
-    q = np.rint(vals * scale[..., None]).astype(np.uint8)
-    idx_b = None if idx is None else idx.astype("<u2").tobytes()
-    return rowmax.astype("<f4").tobytes(), idx_b, q.tobytes(), float(kept.mean()), float(kept.min())
+        vals, kept = a, torch.ones(a.shape[:2])
+    rowmax = vals.amax(-1)
+    scale = torch.where(rowmax > 0, 255.0 / rowmax.clamp_min(1e-30), torch.zeros_like(rowmax))
+    q = torch.round(vals * scale[..., None]).clamp_(0, 255).to(torch.uint8)
+    idx_b = None if idx is None else idx.numpy().astype("<u2").tobytes()
+    return (
+        rowmax.numpy().astype("<f4").tobytes(),
+        idx_b,
+        q.numpy().tobytes(),
+        float(kept.mean()),
+        float(kept.min()),
+    )
 
 
 def _viridis() -> list[int]:
@@ -244,7 +250,7 @@ def write_viewer(
     if max_cells < 1:
         raise ValueError(f"max_cells must be >= 1, got {max_cells}")
     k_all = top_k
-    if k_all is None and sum(a.size for a in layers) > max_cells:
+    if k_all is None and sum(a.numel() for a in layers) > max_cells:
         rows = sum(a.shape[0] * a.shape[1] for a in layers)
         k_all = int(min(_MAX_TOP_K, max(_MIN_TOP_K, max_cells // rows)))
 
