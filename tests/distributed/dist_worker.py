@@ -17,6 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qkv  # noqa: E402
+import qkv.distributed.ring as ring_mod  # noqa: E402
 from oracle import FLOOR, low_precision_reference, oracle  # noqa: E402
 from qkv.distributed import (  # noqa: E402
     SequenceParallelAttention,
@@ -49,7 +50,9 @@ def check_case(
     dtype: torch.dtype = torch.float32,
     api: str = "function",
     ids: torch.Tensor | None = None,
+    tile: int = 256,
 ) -> None:
+    ring_mod.TILE = tile  # sub-tiles of partial chunk pairs (small: exercise the sub-tile plan)
     g = torch.Generator().manual_seed(1234)
     B, n, D = 2, 8, 8
     L = n * world
@@ -102,15 +105,18 @@ def scenario_check(rank: int, world: int) -> None:
         ("ring dense zigzag", dict(strategy="ring", layout="zigzag", mask_fn=lambda i: None)),
         ("ring causal zigzag gqa", dict(strategy="ring", layout="zigzag", mask_fn=lambda i: causal(), Hkv=2)),
         ("ring causal contiguous mqa", dict(strategy="ring", layout="contiguous", mask_fn=lambda i: causal(), Hkv=1)),
-        ("ring window contiguous", dict(strategy="ring", layout="contiguous", mask_fn=lambda i: sliding_window(5))),
+        (
+            "ring window contiguous",
+            dict(strategy="ring", layout="contiguous", mask_fn=lambda i: sliding_window(5), tile=2),
+        ),
         (
             "ring window zigzag backend",
-            dict(strategy="ring", layout="zigzag", mask_fn=lambda i: sliding_window(3, 2), api="qkv.attention"),
+            dict(strategy="ring", layout="zigzag", mask_fn=lambda i: sliding_window(3, 2), api="qkv.attention", tile=1),
         ),
-        ("ring document causal zigzag", dict(strategy="ring", layout="zigzag", mask_fn=doc_causal, ids=ids)),
+        ("ring document causal zigzag", dict(strategy="ring", layout="zigzag", mask_fn=doc_causal, ids=ids, tile=2)),
         (
             "ring causal zigzag float64",
-            dict(strategy="ring", layout="zigzag", mask_fn=lambda i: causal(), dtype=torch.float64),
+            dict(strategy="ring", layout="zigzag", mask_fn=lambda i: causal(), dtype=torch.float64, tile=2),
         ),
         ("ulysses causal zigzag gqa", dict(strategy="ulysses", layout="zigzag", mask_fn=lambda i: causal(), Hkv=2)),
         (

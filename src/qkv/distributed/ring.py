@@ -56,7 +56,7 @@ class _Plan:
     shape: Shape  # the global problem
     scale: float
     steps: int
-    pairs: list[list[tuple[slice, slice, int, int, int, int, int]]]  # per step: (qsl, ksl, kind, q0, q1, k0, k1)
+    pairs: list[list[tuple[slice, slice, int, int, int, int, int]]]  # per step: (q, k, kind, q0, q1, k0, k1)
 
     @property
     def next(self) -> int:
@@ -67,43 +67,84 @@ class _Plan:
         return global_rank(self.group, (self.rank - 1) % self.world)
 
 
+TILE = 256
+"""Largest sub-tile (tokens) a partial chunk pair is cut into: bounds the eager scores of masked work."""
+
+_Item = tuple[slice, slice, int, int, int, int, int]  # (q local, k local, kind, global q0, q1, k0, k1)
+
+
+def _sub_tile(c: int) -> int:
+    t = c
+    while t > TILE and t % 2 == 0:
+        t //= 2
+    return t
+
+
+def _items(kinds: Tensor, qi: int, ql: int, ki: int, kl: int, c: int, t: int) -> list[_Item]:
+    """The work of one (query chunk, key chunk) pair from the sub-tile kinds: one fused call when the
+    whole pair is full, else per query sub-tile one call per run of equal non-empty kinds."""
+    per = c // t
+    sub = kinds[qi * per : (qi + 1) * per, ki * per : (ki + 1) * per]
+    if bool((sub == EMPTY).all()):
+        return []
+    if bool((sub == FULL).all()):
+        return [(slice(ql, ql + c), slice(kl, kl + c), FULL, qi * c, qi * c + c, ki * c, ki * c + c)]
+    items: list[_Item] = []
+    for a in range(per):
+        row = sub[a].tolist()
+        b = 0
+        while b < per:
+            e = b
+            while e + 1 < per and row[e + 1] == row[b]:
+                e += 1
+            if row[b] != EMPTY:
+                q0, k0 = qi * c + a * t, ki * c + b * t
+                n_k = (e - b + 1) * t
+                items.append(
+                    (
+                        slice(ql + a * t, ql + a * t + t),
+                        slice(kl + b * t, kl + b * t + n_k),
+                        row[b],
+                        q0,
+                        q0 + t,
+                        k0,
+                        k0 + n_k,
+                    )
+                )
+            b = e + 1
+    return items
+
+
 def _make_plan(q: Tensor, mask: Mask | None, scale: float, group: Any, layout: str) -> _Plan:
     rank, world = group_rank_world(group)
     B, H, n = q.shape[0], q.shape[1], q.shape[2]
     c = chunk_size(layout, n)
+    t = _sub_tile(c)
     shape = Shape(B, H, n * world, n * world, q.device)
-    nchunks = n * world // c
+    nb = n * world // t
     if mask is None:
-        kinds = torch.full((nchunks, nchunks), FULL, dtype=torch.int8)
+        kinds = torch.full((nb, nb), FULL, dtype=torch.int8)
     else:
-        bk = mask.block_kinds(shape, c, c).to("cpu")  # (B|1, H|1, nchunks, nchunks)
+        bk = mask.block_kinds(shape, t, t).to("cpu")  # (B|1, H|1, nb, nb)
         empty = (bk == EMPTY).flatten(0, 1).all(0)
         full = (bk == FULL).flatten(0, 1).all(0)
         kinds = torch.where(empty, EMPTY, torch.where(full, FULL, 2)).to(torch.int8)
     last = 0
-    mine: list[list[tuple[slice, slice, int, int, int, int, int]]] = []
+    mine: list[list[_Item]] = []
     for s in range(world):
         for r in range(world):
             src = (r - s) % world
             qcs, kcs = chunks(layout, r, world, n), chunks(layout, src, world, n)
-            if any(int(kinds[qi, ki]) != EMPTY for qi, _, _ in qcs for ki, _, _ in kcs):
+            per = c // t
+            if any(
+                bool((kinds[qi * per : (qi + 1) * per, ki * per : (ki + 1) * per] != EMPTY).any())
+                for qi, _, _ in qcs
+                for ki, _, _ in kcs
+            ):
                 last = max(last, s)
             if r == rank:
                 mine.append(
-                    [
-                        (
-                            slice(ql, ql + c),
-                            slice(kl, kl + c),
-                            int(kinds[qi, ki]),
-                            qi * c,
-                            qi * c + c,
-                            ki * c,
-                            ki * c + c,
-                        )
-                        for qi, ql, _ in qcs
-                        for ki, kl, _ in kcs
-                        if int(kinds[qi, ki]) != EMPTY
-                    ]
+                    [it for qi, ql, _ in qcs for ki, kl, _ in kcs for it in _items(kinds, qi, ql, ki, kl, c, t)]
                 )
     return _Plan(rank, world, group, layout, n, mask, shape, scale, last + 1, mine[: last + 1])
 
