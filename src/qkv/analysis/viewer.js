@@ -69,7 +69,10 @@
   const qTok = () => meta.tokens[meta.layers[state.layer].qt];
   const kTok = () => meta.tokens[meta.layers[state.layer].kt];
   const fmt = (w) => (w >= 0.001 ? w.toFixed(3) : w.toExponential(1));
-  function clip(s, n) { s = JSON.stringify(s).slice(1, -1); return s.length > n ? s.slice(0, n - 1) + "\u2026" : s; }
+  function clip(s, n) {
+    s = s.replace(/\n/g, "\\n").replace(/\t/g, "\\t").replace(/[\u0000-\u001f\u007f]/g, "\ufffd");
+    return s.length > n ? s.slice(0, Math.max(1, n - 1)) + "\u2026" : s;
+  }
 
   // ---- head view (token columns and lines) ----
   function sizeCanvas(c, w, h) {
@@ -134,7 +137,7 @@
     ctx.font = "12px ui-monospace, SFMono-Regular, Menlo, monospace";
     ctx.textBaseline = "middle";
     const qt = qTok(), kt = kTok();
-    const numW = 34;
+    const numW = 34, maxChars = Math.max(4, Math.floor((colW - numW - 8) / 7.3));
     const tok = (toks, i, x, align, hi) => {
       const yy = y(i);
       if (hi !== undefined && hi >= 0.02) {
@@ -144,7 +147,7 @@
       }
       ctx.fillStyle = hi !== undefined && hi > 0.55 ? "#fff" : "#1d2330";
       ctx.textAlign = align;
-      ctx.fillText(clip(toks[i], 22), align === "right" ? x - 3 : x + 3, yy);
+      ctx.fillText(clip(toks[i], maxChars), align === "right" ? x - 3 : x + 3, yy);
       ctx.fillStyle = "#9ca3af";
       ctx.textAlign = align === "right" ? "left" : "right";
       ctx.fillText(String(i), align === "right" ? stripW + 2 : W - stripW - 2, yy);
@@ -305,6 +308,7 @@
     const li = T.columns.indexOf("layer"), hi = T.columns.indexOf("head");
     const thead = document.createElement("thead"), tr = document.createElement("tr");
     const isText = T.columns.map((_, c) => T.rows.some((r) => typeof r[c] === "string"));
+    const isFloat = T.columns.map((_, c) => T.rows.some((r) => typeof r[c] === "number" && !Number.isInteger(r[c])));
     T.columns.forEach((c, ci) => {
       const th = document.createElement("th");
       th.textContent = c; if (isText[ci]) th.className = "text";
@@ -317,7 +321,7 @@
       const row = document.createElement("tr");
       r.forEach((x, ci) => {
         const td = document.createElement("td");
-        td.textContent = x === null ? "" : typeof x === "number" && !Number.isInteger(x) ? x.toPrecision(3) : String(x);
+        td.textContent = x === null ? "" : typeof x === "number" && isFloat[ci] ? x.toPrecision(3) : String(x);
         if (isText[ci]) td.classList.add("text");
         row.appendChild(td);
       });
