@@ -90,7 +90,7 @@ def favor_features(x: Tensor, projection: Tensor, is_query: bool) -> Tensor:
         c = wx.detach().amax(dim=-1, keepdim=True)
     else:
         c = wx.detach().amax(dim=(-1, -2), keepdim=True)
-    return torch.exp(wx - c) / math.sqrt(projection.shape[0])
+    return torch.exp(wx - (c + 0.5 * math.log(projection.shape[0])))  # the 1/sqrt(m) folded into exp
 
 
 class Performer(Backend):
