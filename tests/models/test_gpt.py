@@ -158,3 +158,15 @@ def test_bad_arguments() -> None:
         sample_next(torch.zeros(1, 3), top_p=0.0)
     with pytest.raises(ValueError, match="idx"):
         m(torch.zeros(4))
+
+
+def test_decoding_sees_weight_updates() -> None:
+    """The decoding path keeps a transposed copy of the output weight: it must follow changes."""
+    m = _gpt("rope")
+    idx = torch.randint(0, 37, (1, 4))
+    m.generate(idx, 3, temperature=0.0)
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(-1.5)
+    x = torch.randint(0, 37, (1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.lm_head(m.norm(m.blocks[1](m.blocks[0](m.tok_emb(x), mask=m.mask)))))

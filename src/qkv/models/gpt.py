@@ -167,6 +167,7 @@ class GPT(BackendSwitch, nn.Module):
         self.lm_head.weight = self.tok_emb.weight
         self.mask: Mask = causal() if window is None else sliding_window(window - 1)
         self.score_mod: ScoreMod | None = alibi(n_heads) if pos == "alibi" else None
+        self._head_t: tuple[Any, Tensor] | None = None
 
     def make_cache(self, max_len: int | None = None) -> GPTCache:
         """Fresh decoding caches for ``max_len`` tokens in all (default ``self.max_len``): a
@@ -209,7 +210,16 @@ class GPT(BackendSwitch, nn.Module):
             cache.seen += idx.shape[1]
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if torch.is_grad_enabled() or x.shape[1] != 1:
+            return self.lm_head(x)
+        # decoding: a (E, V) copy of the tied (V, E) weight makes this matrix-vector product about twice
+        # as fast on CPUs; it is refreshed whenever the weight changes (in place or replaced)
+        w = self.lm_head.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._head_t is None or self._head_t[0] != key:
+            self._head_t = (key, w.detach().t().contiguous())
+        return x @ self._head_t[1]
 
     @torch.no_grad()
     def generate(
