@@ -252,7 +252,12 @@ class GPT(BackendSwitch, nn.Module):
             out = [idx]
             if max_new_tokens == 0:
                 return idx
-            sample: dict[str, Any] = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
+            sample: dict[str, Any] = {
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "generator": generator,
+            }
             if use_cache:
                 cache = self.make_cache(total)
                 logits = self(idx, cache=cache, last_only=True)[:, -1]
