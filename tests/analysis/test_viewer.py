@@ -282,8 +282,18 @@ def test_2k_tokens_load_fast(browser, tmp_path):
     t0 = time.perf_counter()
     pg.hover_token("q", 1510)
     assert pg.data("hover") == "q:1510" and int(pg.data("lines")) == 16
+    page.mouse.down()
+    page.mouse.up()  # a click pins the token: its lines stay when the mouse leaves
+    page.mouse.move(5, 5)
+    assert pg.data("pinned") == "1" and pg.data("hover") == "q:1510"
     page.select_option("#head", "3")
     assert pg.data("head") == "3" and time.perf_counter() - t0 < 3.0
+    assert pg.data("hover") == "q:1510" and int(pg.data("lines")) == 16
+    # the overview strip at the right edge maps the whole sequence: a click near its top scrolls there
+    box = page.locator("#lines").bounding_box()
+    page.mouse.click(box["x"] + box["width"] - 5, box["y"] + 0.1 * box["height"])
+    top = page.evaluate("document.getElementById('scroller').scrollTop")
+    assert abs(top / 18 + box["height"] / 36 - 0.1 * n) < 0.05 * n
     page.screenshot(path=str(tmp_path / "long.png"))
     assert pg.errors == [] and pg.requests == [pg.url]
     page.close()

@@ -10,7 +10,7 @@
   const layerSel = $("layer"), headSel = $("head"), note = $("note"), readout = $("readout");
   const scroller = $("scroller"), spacer = $("spacer"), lines = $("lines"), heat = $("heat");
   const body = document.body;
-  const state = { layer: 0, head: 0, hover: null, views: null, stripW: 0 };
+  const state = { layer: 0, head: 0, hover: null, views: null, stripW: 0, pinned: false };
   let buf = null;
 
   function b64bytes(s) {
@@ -364,23 +364,26 @@
     const side = x < rect.width / 2 ? "q" : "k";
     return i >= 0 && i < (side === "q" ? L.Lq : L.Lk) ? [side, i] : null;
   }
-  lines.addEventListener("mousemove", (ev) => { const t = tokenAt(ev); if (t) hover(t[0], t[1]); });
+  // a click on a token pins its lines (moving away keeps them) until the next click
+  lines.addEventListener("mousemove", (ev) => { const t = tokenAt(ev); if (t && !state.pinned) hover(t[0], t[1]); });
+  lines.addEventListener("mouseleave", () => { if (!state.pinned) hover(null); });
   lines.addEventListener("click", (ev) => {
+    const t = tokenAt(ev);
+    if (t) { state.pinned = !state.pinned; hover(t[0], t[1]); body.dataset.pinned = state.pinned ? "1" : ""; return; }
     const rect = lines.getBoundingClientRect(), x = ev.clientX - rect.left, L = meta.layers[state.layer];
     const sw = state.stripW;
     if (!sw || (x > sw && x < rect.width - sw)) return;
     const n = x <= sw ? L.Lq : L.Lk, frac = (ev.clientY - rect.top - 3) / (rect.height - 6);
     scroller.scrollTop = Math.max(0, frac * n * ROW_H - rect.height / 2);
   });
-  lines.addEventListener("mouseleave", () => hover(null));
   scroller.addEventListener("scroll", () => drawLines(), { passive: true });
   heat.addEventListener("mousemove", (ev) => {
     const rect = heat.getBoundingClientRect(), L = meta.layers[state.layer];
     const i = Math.min(L.Lq - 1, Math.floor(((ev.clientY - rect.top) / rect.height) * L.Lq));
     const j = Math.min(L.Lk - 1, Math.floor(((ev.clientX - rect.left) / rect.width) * L.Lk));
-    if (i >= 0 && j >= 0) hover("q", i, j);
+    if (i >= 0 && j >= 0 && !state.pinned) hover("q", i, j);
   });
-  heat.addEventListener("mouseleave", () => hover(null));
+  heat.addEventListener("mouseleave", () => { if (!state.pinned) hover(null); });
   layerSel.addEventListener("change", () => select(Number(layerSel.value), state.head));
   headSel.addEventListener("change", () => select(state.layer, Number(headSel.value)));
   document.addEventListener("keydown", (ev) => {
