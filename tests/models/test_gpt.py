@@ -170,3 +170,18 @@ def test_decoding_sees_weight_updates() -> None:
     x = torch.randint(0, 37, (1, 1))
     with torch.no_grad():
         torch.testing.assert_close(m(x), m.lm_head(m.norm(m.blocks[1](m.blocks[0](m.tok_emb(x), mask=m.mask)))))
+
+
+def test_capture_weights_sees_every_layer() -> None:
+    from qkv.nn import capture_weights
+
+    m = _gpt("alibi", window=3)
+    idx = torch.randint(0, 37, (2, 6))
+    with capture_weights(m) as maps:
+        m(idx)
+    assert [name for name, _ in maps] == ["blocks.0.mixer", "blocks.1.mixer"]
+    for _, w in maps:
+        assert w.shape == (2, 4, 6, 6)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 6, dtype=D64))
+        i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+        assert torch.all(w[..., (j > i) | (j < i - 2)] == 0)  # causal, window of 3
