@@ -278,6 +278,13 @@ def test_2k_tokens_load_fast(browser, tmp_path):
     assert time.perf_counter() - t0 < 5.0
     page = pg.page
     assert "top 16 weights" in page.locator("#note").inner_text()
+    # hovering the heatmap selects a query row and scrolls the token view to it
+    hb = page.locator("#heat").bounding_box()
+    page.mouse.move(hb["x"] + 0.2 * hb["width"], hb["y"] + 0.5 * hb["height"])
+    side, i = pg.data("hover").split(":")
+    assert side == "q" and abs(int(i) - n // 2) <= 2
+    top = page.evaluate("document.getElementById('scroller').scrollTop")
+    assert top <= 18 * int(i) <= top + page.locator("#scroller").bounding_box()["height"]
     page.evaluate("document.getElementById('scroller').scrollTop = 18 * 1500")
     t0 = time.perf_counter()
     pg.hover_token("q", 1510)

@@ -381,7 +381,11 @@
     const rect = heat.getBoundingClientRect(), L = meta.layers[state.layer];
     const i = Math.min(L.Lq - 1, Math.floor(((ev.clientY - rect.top) / rect.height) * L.Lq));
     const j = Math.min(L.Lk - 1, Math.floor(((ev.clientX - rect.left) / rect.width) * L.Lk));
-    if (i >= 0 && j >= 0 && !state.pinned) hover("q", i, j);
+    if (i < 0 || j < 0 || state.pinned) return;
+    // bring the hovered query into the token view so its lines can be seen
+    const top = scroller.scrollTop, viewH = scroller.clientHeight;
+    if (i * ROW_H < top || (i + 1) * ROW_H + 8 > top + viewH) scroller.scrollTop = Math.max(0, i * ROW_H - viewH / 3);
+    hover("q", i, j);
   });
   heat.addEventListener("mouseleave", () => { if (!state.pinned) hover(null); });
   layerSel.addEventListener("change", () => select(Number(layerSel.value), state.head));
