@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..masks import EMPTY, FULL, Mask, Shape
+from ..masks import EMPTY, FULL, Mask, Shape, _Window
 from ._common import (
     check_layout,
     chunk_size,
@@ -71,6 +71,7 @@ TILE = 256
 """Largest sub-tile (tokens) a partial chunk pair is cut into: bounds the eager scores of masked work."""
 
 _Item = tuple[slice, slice, int, int, int, int, int]  # (q local, k local, kind, global q0, q1, k0, k1)
+_CAUSAL = 3  # a diagonal pair under a plain causal mask: the fused kernel with is_causal
 
 
 def _sub_tile(c: int) -> int:
@@ -80,15 +81,16 @@ def _sub_tile(c: int) -> int:
     return t
 
 
-def _items(kinds: Tensor, qi: int, ql: int, ki: int, kl: int, c: int, t: int) -> list[_Item]:
+def _items(kinds: Tensor, qi: int, ql: int, ki: int, kl: int, c: int, t: int, causal: bool) -> list[_Item]:
     """The work of one (query chunk, key chunk) pair from the sub-tile kinds: one fused call when the
     whole pair is full, else per query sub-tile one call per run of equal non-empty kinds."""
     per = c // t
     sub = kinds[qi * per : (qi + 1) * per, ki * per : (ki + 1) * per]
     if bool((sub == EMPTY).all()):
         return []
-    if bool((sub == FULL).all()):
-        return [(slice(ql, ql + c), slice(kl, kl + c), FULL, qi * c, qi * c + c, ki * c, ki * c + c)]
+    if bool((sub == FULL).all()) or (causal and qi == ki):
+        kind = FULL if bool((sub == FULL).all()) else _CAUSAL
+        return [(slice(ql, ql + c), slice(kl, kl + c), kind, qi * c, qi * c + c, ki * c, ki * c + c)]
     items: list[_Item] = []
     for a in range(per):
         row = sub[a].tolist()
@@ -115,11 +117,12 @@ def _items(kinds: Tensor, qi: int, ql: int, ki: int, kl: int, c: int, t: int) ->
     return items
 
 
-def _make_plan(q: Tensor, mask: Mask | None, scale: float, group: Any, layout: str) -> _Plan:
+def _make_plan(q: Tensor, k: Tensor, mask: Mask | None, scale: float, group: Any, layout: str) -> _Plan:
     rank, world = group_rank_world(group)
     B, H, n = q.shape[0], q.shape[1], q.shape[2]
     c = chunk_size(layout, n)
     t = _sub_tile(c)
+    causal = isinstance(mask, _Window) and mask.left is None and mask.right == 0 and k.shape[1] == H
     shape = Shape(B, H, n * world, n * world, q.device)
     nb = n * world // t
     if mask is None:
@@ -144,7 +147,7 @@ def _make_plan(q: Tensor, mask: Mask | None, scale: float, group: Any, layout: s
                 last = max(last, s)
             if r == rank:
                 mine.append(
-                    [it for qi, ql, _ in qcs for ki, kl, _ in kcs for it in _items(kinds, qi, ql, ki, kl, c, t)]
+                    [it for qi, ql, _ in qcs for ki, kl, _ in kcs for it in _items(kinds, qi, ql, ki, kl, c, t, causal)]
                 )
     return _Plan(rank, world, group, layout, n, mask, shape, scale, last + 1, mine[: last + 1])
 
@@ -168,12 +171,14 @@ def _use_flash(x: Tensor) -> bool:
     return _FLASH is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
-def _block_fwd(q5: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _block_fwd(
+    q5: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float, causal: bool = False
+) -> tuple[Tensor, Tensor]:
     """``q5 (B, Hkv, G, m, D)``, ``k (B, Hkv, l, D)``, ``v (B, Hkv, l, Dv)`` -> normalised output
     ``(B, Hkv, G, m, Dv)`` and logsumexp ``(B, Hkv, G, m)`` (``-inf`` on rows that see nothing)."""
     B, Hkv, G, m, D = q5.shape
     if tile is None and _FLASH is not None and _use_flash(q5):
-        o, lse = _FLASH(q5.reshape(B, Hkv, G * m, D), k, v, 0.0, False, scale=scale)
+        o, lse = _FLASH(q5.reshape(B, Hkv, G * m, D), k, v, 0.0, causal, scale=scale)
         return o.view(B, Hkv, G, m, -1), lse.view(B, Hkv, G, m).to(o.dtype)
     s = (q5 @ k.unsqueeze(2).transpose(-1, -2)) * scale
     if tile is not None:
@@ -193,6 +198,7 @@ def _block_bwd(
     delta: Tensor,
     tile: Tensor | None,
     scale: float,
+    causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq5, dk, dv)`` of one block given the final output ``o5``, its gradient ``do5``,
     the final logsumexp ``lse`` and ``delta = rowsum(do5 * o5)``."""
@@ -207,7 +213,7 @@ def _block_bwd(
             o5.reshape(*fold, -1),
             lse.reshape(fold).to(torch.float32 if q5.dtype == torch.float32 else q5.dtype),
             0.0,
-            False,
+            causal,
             scale=scale,
         )
         return dq.view(q5.shape), dk, dv
@@ -286,9 +292,15 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
             nxt, works = _exchange(buf, plan.next, plan.prev, _TAG_KV, plan.group)
         kb, vb = _unpack(buf, (kc, vc))
         for qsl, ksl, kind, q0, q1, k0, k1 in plan.pairs[s]:
-            tile = None if kind == FULL else _tile5(plan, q0, q1, k0, k1, Hkv)
+            fused = kind == _CAUSAL and _FLASH is not None and _use_flash(q5)
+            tile = None if kind == FULL or fused else _tile5(plan, q0, q1, k0, k1, Hkv)
             o, lse = _block_fwd(
-                q5[:, :, :, qsl].contiguous(), kb[:, :, ksl].contiguous(), vb[:, :, ksl].contiguous(), tile, plan.scale
+                q5[:, :, :, qsl].contiguous(),
+                kb[:, :, ksl].contiguous(),
+                vb[:, :, ksl].contiguous(),
+                tile,
+                plan.scale,
+                fused,
             )
             _merge(acc_o[:, :, :, qsl], acc_l[:, :, :, qsl], o, lse)
         if works:
@@ -323,7 +335,8 @@ def _backward(
         dkv = torch.zeros_like(buf)
         dkb, dvb = _unpack(dkv, (kc, vc))
         for qsl, ksl, kind, q0, q1, k0, k1 in plan.pairs[s]:
-            tile = None if kind == FULL else _tile5(plan, q0, q1, k0, k1, Hkv)
+            fused = kind == _CAUSAL and _FLASH_BWD is not None and _use_flash(q5)
+            tile = None if kind == FULL or fused else _tile5(plan, q0, q1, k0, k1, Hkv)
             dq_b, dk_b, dv_b = _block_bwd(
                 q5[:, :, :, qsl].contiguous(),
                 kb[:, :, ksl].contiguous(),
@@ -334,6 +347,7 @@ def _backward(
                 delta[:, :, :, qsl],
                 tile,
                 plan.scale,
+                fused,
             )
             dq5[:, :, :, qsl] += dq_b
             dkb[:, :, ksl] += dk_b
@@ -431,6 +445,6 @@ def ring_attention(
         raise NotImplementedError(why)
     gmask = globalize_mask(mask, layout, group)
     sc = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    plan = _make_plan(q, gmask, sc, group, layout)
+    plan = _make_plan(q, k, gmask, sc, group, layout)
     out: Tensor = _RingFunction.apply(q, k, v, plan)
     return out
