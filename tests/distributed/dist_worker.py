@@ -105,6 +105,7 @@ def scenario_check(rank: int, world: int) -> None:
         ("ring dense zigzag", dict(strategy="ring", layout="zigzag", mask_fn=lambda i: None)),
         ("ring causal zigzag gqa", dict(strategy="ring", layout="zigzag", mask_fn=lambda i: causal(), Hkv=2)),
         ("ring causal contiguous mqa", dict(strategy="ring", layout="contiguous", mask_fn=lambda i: causal(), Hkv=1)),
+        ("ring causal contiguous", dict(strategy="ring", layout="contiguous", mask_fn=lambda i: causal())),
         (
             "ring window contiguous",
             dict(strategy="ring", layout="contiguous", mask_fn=lambda i: sliding_window(5), tile=2),
