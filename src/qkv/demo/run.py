@@ -73,6 +73,11 @@ class ModelResult:
     samples: list[tuple[list[str], list[str], list[str]]]
 
 
+def _schedule(steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over 100 steps, then linear decay to 5%."""
+    return lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / max(steps, 1))
+
+
 def _build(name: str, cfg: DemoConfig, sv: Vocab, tv: Vocab) -> nn.Module:
     if name == "transformer":
         return TransformerSeq2Seq(len(sv), len(tv), dim=cfg.dim, heads=4, layers=2, max_len=64)
@@ -130,9 +135,7 @@ def train_models(
         lr = 1e-3 if name == "transformer" else 3e-3
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         steps = cfg.steps[name]
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s, n=steps: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / max(n, 1))
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
         bar = progress(name, steps) if progress else None
         losses: list[float] = []
         vsteps: list[int] = []
