@@ -1,6 +1,6 @@
 """Ring and Ulysses attention on 1, 2 and 4 processes of this machine: time per step, traffic, memory.
 
-    python benchmarks/bench_ring.py            # about 2-4 minutes on 2 cores
+    python benchmarks/bench_ring.py            # about 2-3 minutes on 2 quiet cores
     python benchmarks/bench_ring.py --quick    # smaller lengths, under a minute
 
 For each process count R (gloo over 127.0.0.1, one process per rank, ``cpu_count // R`` threads each,
@@ -139,7 +139,7 @@ def main() -> None:
     if args.worker:
         worker(args.rank, args.world, args.lengths, args.repeats, args.strategy)
         return
-    lengths = args.lengths or ([1024, 2048, 4096] if args.quick else [2048, 4096, 8192, 16384])
+    lengths = args.lengths or ([512, 1024, 2048] if args.quick else [1024, 2048, 4096])
     budget = args.budget_mib * 2**20
     print(
         f"causal attention, zigzag layout, B={B} H={H} D={D} float32, forward+backward; {os.cpu_count()} cores;"
