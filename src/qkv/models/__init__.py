@@ -3,7 +3,9 @@ ViT, RNN seq2seq with attention, state-space hybrids."""
 
 from .bert import BertConfig, BertEncoder, BertTokenizer, minilm, minilm_path
 from .gpt import GPT, GPTCache, sample_next
+from .seq2seq import Seq2Seq, TransformerSeq2Seq
 from .transformer import Transformer, TransformerDecoder, TransformerEncoder
+from .vit import ViT, attention_rollout
 
 __all__: list[str] = [
     "GPT",
@@ -17,4 +19,8 @@ __all__: list[str] = [
     "BertTokenizer",
     "minilm",
     "minilm_path",
+    "Seq2Seq",
+    "TransformerSeq2Seq",
+    "ViT",
+    "attention_rollout",
 ]
