@@ -3,8 +3,8 @@
     python benchmarks/bench_ring.py            # about 2-3 minutes on 2 quiet cores
     python benchmarks/bench_ring.py --quick    # smaller lengths, under a minute
 
-For each process count R (gloo over 127.0.0.1, one process per rank, ``cpu_count // R`` threads each,
-so R=4 oversubscribes a 2-core machine), one causal self-attention layer (zigzag layout, B=1, H=4,
+For each process count R (gloo over 127.0.0.1, one process per rank, one thread each, so R=4
+oversubscribes a 2-core machine), one causal self-attention layer (zigzag layout, B=1, H=4,
 D=64) runs forward + backward on local shards of a global sequence of L tokens:
 
 - time per step: median over repeats of the slowest rank's forward+backward;
@@ -45,7 +45,7 @@ def worker(rank: int, world: int, lengths: list[int], repeats: int, strategy: st
     from qkv.masks import causal
 
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(1)  # one core per process: R=1 is one core, R=2 two, R=4 oversubscribes 2 cores
     fn = ring_attention if strategy == "ring" else ulysses_attention
     # warm up on a small problem so the baseline includes the libraries and the kernels' workspaces
     base_q = torch.randn(B, H, 64, D, requires_grad=True)

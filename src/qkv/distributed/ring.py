@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..masks import EMPTY, FULL, Mask, Shape, _Window
+from ..masks import EMPTY, FULL, Mask, MaskLike, Shape, _Window, as_mask
 from ._common import (
     check_layout,
     chunk_size,
@@ -408,7 +408,7 @@ def ring_attention(
     k: Tensor,
     v: Tensor,
     *,
-    mask: Mask | None = None,
+    mask: MaskLike | None = None,
     scale: float | None = None,
     group: Any = None,
     layout: str = "zigzag",
@@ -440,10 +440,11 @@ def ring_attention(
         raise ValueError(
             f"the query heads must be a multiple of the key heads, got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    why = unsupported_mask(mask)
+    m = as_mask(mask)
+    why = unsupported_mask(m)
     if why is not None:
         raise NotImplementedError(why)
-    gmask = globalize_mask(mask, layout, group)
+    gmask = globalize_mask(m, layout, group)
     sc = float(scale) if scale is not None else q.shape[-1] ** -0.5
     plan = _make_plan(q, k, gmask, sc, group, layout)
     out: Tensor = _RingFunction.apply(q, k, v, plan)

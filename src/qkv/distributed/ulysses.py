@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..masks import Mask
+from ..masks import MaskLike, as_mask
 from ._common import comm_stats, globalize_mask, group_rank_world, unsupported_mask, zigzag_unshuffle
 from .ring import check_shards
 
@@ -98,7 +98,7 @@ def ulysses_attention(
     k: Tensor,
     v: Tensor,
     *,
-    mask: Mask | None = None,
+    mask: MaskLike | None = None,
     scale: float | None = None,
     group: Any = None,
     layout: str = "zigzag",
@@ -135,10 +135,11 @@ def ulysses_attention(
         )
     if Hkv % world:
         k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-    why = unsupported_mask(mask)
+    m = as_mask(mask)
+    why = unsupported_mask(m)
     if why is not None:
         raise NotImplementedError(why)
-    gmask = globalize_mask(mask, layout, group)
+    gmask = globalize_mask(m, layout, group)
     n = q.shape[2]
     order = _natural_order(world, n, layout, q.device)
     qh, kh, vh = (seq_to_heads(t, group).index_select(2, order) for t in (q, k, v))
