@@ -46,3 +46,24 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     assert "dec.0.cross" in html and "enc.0.attn" in html
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "summary.md" in printed
+
+
+def test_same_seed_same_training():
+    from qkv.demo import DemoConfig, train_models
+
+    cfg = DemoConfig(
+        n_train=200,
+        n_test=20,
+        steps={"rnn": 4, "rnn+attention": 4, "transformer": 4},
+        eval_every=4,
+        hidden=16,
+        emb=8,
+        dim=16,
+    )
+    a, *_ = train_models(cfg, seed=5)
+    b, *_ = train_models(cfg, seed=5)
+    c, *_ = train_models(cfg, seed=6)
+    for name in a:
+        assert a[name][1].losses == b[name][1].losses
+        assert a[name][1].samples == b[name][1].samples
+    assert a["rnn"][1].losses != c["rnn"][1].losses

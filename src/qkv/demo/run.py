@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..analysis.viewer import write_viewer
 from ..models.seq2seq import Seq2Seq, TransformerSeq2Seq
 from ..nn.base import capture_weights
 from .data import PAD, Example, Vocab, batchify, make_dataset
-from .report import plot_alignment, plot_curves, write_viewer
+from .report import plot_alignment, plot_curves
 
 __all__ = ["DemoConfig", "ModelResult", "run_demo", "train_models"]
 
@@ -220,13 +221,19 @@ def _write_report(
     with capture_weights(tr) as maps:
         tr(src, lengths, tin)
     src_toks, tgt_toks = list(ex.src), ["<bos>"] + pred
-    layers = []
-    for name, w in maps:
+    pairs = []
+    for name, _ in maps:
         q_toks = src_toks if name.startswith("enc") else tgt_toks
         k_toks = tgt_toks if ".attn" in name and name.startswith("dec") else src_toks
-        layers.append((name, w[0].numpy(), q_toks, k_toks))
+        pairs.append((q_toks, k_toks))
     viewer = os.path.join(out, "viewer.html")
-    write_viewer(layers, viewer, title="qkv demo: the Transformer's attention heads")
+    write_viewer(
+        [w[0] for _, w in maps],
+        pairs,
+        viewer,
+        layer_names=[n for n, _ in maps],
+        title="qkv demo: the Transformer's attention heads (encoder, decoder, cross)",
+    )
     files.append(viewer)
     # summary
     lines = [

@@ -1,4 +1,4 @@
-"""``qkv train lm``: a byte-level GPT trained on the Python standard library's own source text.
+"""``qkv train lm``: a byte-level :class:`qkv.models.GPT` (RoPE) trained on the Python standard library's own source text.
 
 Metric: bits per byte on held-out standard-library files, beside the unigram baseline (the entropy of
 the training bytes' frequencies, what a model without context can do). A sample is generated from a prompt.
@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..masks import causal
-from ..models._blocks import Block
+from ..models.gpt import GPT
 from .common import TaskResult, fit
 
-__all__ = ["ByteGPT", "load_stdlib_text", "train"]
+__all__ = ["bits_per_byte", "load_stdlib_text", "train", "unigram_bits"]
 
 
 def load_stdlib_text(max_bytes: int, seed: int = 0) -> tuple[bytes, bytes]:
@@ -42,47 +41,6 @@ def load_stdlib_text(max_bytes: int, seed: int = 0) -> tuple[bytes, bytes]:
         return b"".join(chunks)[:limit]
 
     return read(names[n_val:], int(max_bytes * 0.9)), read(names[:n_val], max_bytes // 10)
-
-
-class ByteGPT(nn.Module):
-    """A small decoder-only transformer over bytes (learned positions, pre-norm blocks, causal mask through
-    :func:`qkv.attention`).
-
-    Args:
-        ctx: context length; dim: width; layers: blocks; heads: attention heads.
-    """
-
-    def __init__(self, ctx: int = 128, dim: int = 128, layers: int = 4, heads: int = 4) -> None:
-        super().__init__()
-        self.ctx = ctx
-        self.emb = nn.Embedding(256, dim)
-        self.pos = nn.Parameter(torch.randn(ctx, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, 4 * dim) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, 256, bias=False)
-        self.mask = causal()
-
-    def forward(self, idx: Tensor) -> Tensor:
-        """``idx`` ``(B, L)`` bytes, ``L <= ctx`` -> next-byte logits ``(B, L, 256)``."""
-        if idx.dim() != 2 or idx.shape[1] > self.ctx:
-            raise ValueError(f"ByteGPT: idx must be (B, L) with L <= ctx={self.ctx}, got {tuple(idx.shape)}")
-        x = self.emb(idx) + self.pos[: idx.shape[1]]
-        for b in self.blocks:
-            x = b(x, mask=self.mask)
-        return self.head(self.norm(x))
-
-    @torch.no_grad()
-    def generate(self, idx: Tensor, n: int, temperature: float = 0.8, seed: int = 0) -> Tensor:
-        """Append ``n`` sampled bytes to ``idx`` ``(B, L)`` (greedy when ``temperature == 0``)."""
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(n):
-            logits = self(idx[:, -self.ctx :])[:, -1]
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)
-            idx = torch.cat([idx, nxt], 1)
-        return idx
 
 
 def _batches(data: Tensor, ctx: int, batch: int, seed: int) -> Iterator[Tensor]:
@@ -119,7 +77,8 @@ def train(out: str | None = None, quick: bool = False, seed: int = 0, progress: 
     tr = torch.tensor(list(tr_b), dtype=torch.long)
     va = torch.tensor(list(va_b), dtype=torch.long)
     ctx = 64 if quick else 128
-    model = ByteGPT(ctx, 64 if quick else 128, 2 if quick else 4, 4)
+    dim, layers = (64, 2) if quick else (128, 4)
+    model = GPT(256, dim, layers, 4, max_len=ctx + 512, pos="rope")
     steps = 30 if quick else 1500
     losses = fit(
         model, _batches(tr, ctx, 32, seed), _loss, steps, 3e-3 if quick else 2e-3, desc="lm", progress=progress
@@ -127,7 +86,9 @@ def train(out: str | None = None, quick: bool = False, seed: int = 0, progress: 
     bpb = bits_per_byte(model, va, ctx)
     base = unigram_bits(tr, va)
     prompt = torch.tensor([list(b"def ")])
-    sample = bytes(model.generate(prompt, 40 if quick else 300, seed=seed)[0].tolist()).decode("utf-8", "replace")
+    gen = torch.Generator().manual_seed(seed)
+    out_ids = model.generate(prompt, 40 if quick else 300, temperature=0.8, top_k=40, generator=gen)
+    sample = bytes(out_ids[0].tolist()).decode("utf-8", "replace")
     files: list[str] = []
     if out is not None:
         path = os.path.join(out, "sample.txt")
