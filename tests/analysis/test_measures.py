@@ -80,11 +80,19 @@ def test_js_divergence_by_hand():
 def test_head_distances_are_mean_row_js():
     torch.manual_seed(0)
     layers = [torch.rand(2, 3, 4, 4).softmax(-1) for _ in range(2)]
-    D = M.head_distances(layers)
+    D = M.head_distances(layers, dtype=torch.float64)
     assert D.shape == (6, 6) and torch.allclose(D, D.T) and torch.all(D.diagonal() == 0)
     a, b = layers[0][:, 1], layers[1][:, 2]  # head 1 and head 5
     by_hand = np.mean([float(M.js_divergence(a[i, r], b[i, r])) for i in range(2) for r in range(4)])
     assert math.isclose(float(D[1, 5]), by_hand, rel_tol=1e-9)
+    assert torch.allclose(M.head_distances(layers), D, atol=1e-5)  # float32 by default
+    # padded query rows are left out; with a small budget only evenly spaced rows are compared
+    valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    by_hand = np.mean([float(M.js_divergence(a[i, r], b[i, r])) for i, r in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]])
+    assert math.isclose(float(M.head_distances(layers, valid, dtype=torch.float64)[1, 5]), by_hand, rel_tol=1e-9)
+    sub = M.head_distances(layers, valid, max_cells=3 * 4, dtype=torch.float64)  # 3 of the 5 rows: 0, 2, 4
+    by_hand = np.mean([float(M.js_divergence(a[i, r], b[i, r])) for i, r in [(0, 0), (0, 2), (1, 1)]])
+    assert math.isclose(float(sub[1, 5]), by_hand, rel_tol=1e-9)
 
 
 def test_mds_recovers_planar_distances():
