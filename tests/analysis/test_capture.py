@@ -112,6 +112,33 @@ def test_capture_on_multihead_attention_forces_per_head_weights():
     assert maps.tokens is None and maps.attention_mask is None
 
 
+class _UsesWeights(nn.Module):
+    """A model whose output is the averaged weights MultiheadAttention returns by default."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 4, batch_first=True)
+
+    def forward(self, x):
+        out, w = self.mha(x, x, x)
+        none = self.mha(x, x, x, need_weights=False)[1]
+        return w, none
+
+
+def test_capture_leaves_the_callers_outputs_unchanged():
+    torch.manual_seed(5)
+    m = _UsesWeights().eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        w_avg, none = m(x)
+    maps = capture(m, x)
+    assert none is None and maps.output[1] is None
+    assert torch.allclose(maps.output[0], w_avg, atol=1e-6)
+    assert len(maps) == 2 and maps.weights[0].shape == (2, 4, 3, 3)
+    assert torch.allclose(maps.weights[0].mean(1), w_avg, atol=1e-6)
+    assert "_qkv_capture_asked" not in vars(m.mha)
+
+
 def test_capture_on_qkv_models_whatever_the_backend():
     torch.manual_seed(2)
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)

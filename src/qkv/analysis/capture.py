@@ -165,22 +165,33 @@ def _capture_modules(
             torch.backends.mha.set_fastpath_enabled(fast)
             for h in handles:
                 h.remove()
+            for _, m in mhas:
+                m.__dict__.pop("_qkv_capture_asked", None)
     return [n for n, _ in sink], [w.float().cpu() for _, w in sink], out
 
 
 def _force_weights(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Call with per-head weights; remember what the caller asked for, so the output it gets is unchanged."""
     b = _MHA_SIG.bind(module, *args, **kwargs)
+    b.apply_defaults()
+    asked = (bool(b.arguments["need_weights"]), bool(b.arguments["average_attn_weights"]))
+    module.__dict__.setdefault("_qkv_capture_asked", []).append(asked)
     b.arguments["need_weights"] = True
     b.arguments["average_attn_weights"] = False
     return tuple(b.args[1:]), dict(b.kwargs)
 
 
 def _make_sink(sink: list[tuple[str, Tensor]], name: str) -> Any:
-    def hook(module: nn.Module, args: Any, out: Any) -> None:
+    def hook(module: nn.Module, args: Any, out: Any) -> Any:
+        need, average = module.__dict__["_qkv_capture_asked"].pop()
         w = out[1]
-        if isinstance(w, Tensor):
-            sink.append((name, (w if w.dim() == 4 else w.unsqueeze(0)).detach()))
+        if not isinstance(w, Tensor):
+            return None
+        sink.append((name, (w if w.dim() == 4 else w.unsqueeze(0)).detach()))
+        if not need:
+            return out[0], None
+        return out[0], (w.mean(dim=-3) if average else w)
 
     return hook
