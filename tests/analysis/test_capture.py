@@ -39,7 +39,7 @@ def test_capture_on_minilm_equals_hugging_face_output_attentions(minilm_and_batc
     hf = transformers.BertModel.from_pretrained(minilm_path()).eval()  # default (sdpa) attention
     before = hf.config._attn_implementation
     ours = capture(model, **batch)
-    theirs = capture(hf, **batch)
+    theirs = capture(hf, **batch, return_dict=False)  # capture asks for a dict anyway
     assert hf.config._attn_implementation == before  # switched to eager only for the pass
     with torch.no_grad():
         hf.set_attn_implementation("eager")

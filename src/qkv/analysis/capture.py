@@ -7,7 +7,7 @@
 - any module tree that contains ``torch.nn.MultiheadAttention`` (``nn.Transformer*`` layers included): each
   such module is called with ``need_weights=True, average_attn_weights=False`` and PyTorch's fused fast path
   is switched off for the pass;
-- Hugging Face ``transformers`` models: run with ``output_attentions=True`` (switched to the ``eager``
+- Hugging Face ``transformers`` models: run with ``output_attentions=True, return_dict=True`` (switched to the ``eager``
   attention implementation for the pass when the model uses another one).
 """
 
@@ -88,7 +88,7 @@ def capture(
     Args:
         model: a qkv model, a module tree with ``torch.nn.MultiheadAttention`` layers, or a Hugging Face model.
         *args, **kwargs: the model's inputs, passed through unchanged (for Hugging Face models
-            ``output_attentions=True`` is added).
+            ``output_attentions=True, return_dict=True`` are added).
         tokens: the token strings of each batch row (not passed to the model). When omitted and the model
             has a ``tokenizer`` with ``convert_ids_to_tokens`` (as :class:`qkv.models.BertEncoder` has), they
             are read from the ``input_ids`` argument.
@@ -130,7 +130,7 @@ def _capture_hf(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
         model.set_attn_implementation("eager")  # type: ignore[operator]
     try:
         with torch.no_grad():
-            out = model(*args, **{**kwargs, "output_attentions": True})
+            out = model(*args, **{**kwargs, "output_attentions": True, "return_dict": True})
     finally:
         if switch:
             model.set_attn_implementation(before)  # type: ignore[operator]
