@@ -110,22 +110,27 @@ def selective_scan(
     uu = F.pad(u, (0, 0, 0, pad)).view(b, nc, T, d, 1)
     Bp = F.pad(B, (0, 0, 0, pad)).view(b, nc, T, 1, n_state)
     Cp = F.pad(C, (0, 0, 0, pad)).view(b, nc, T, 1, n_state)
-    log_a = dl * A  # (b, nc, T, d, N), <= 0
+    # exponents are clamped where exp() would give a subnormal number: those are 10^-37 of the
+    # state (float32) and cost up to 100x in CPU time, as subnormal arithmetic is slow
+    floor = math.log(torch.finfo(u.dtype).tiny) + 2.0
+    log_a = (dl * A).clamp(min=floor)  # (b, nc, T, d, N), <= 0
     x = dl * uu * Bp  # (b, nc, T, d, N)
     # 1. every chunk from a zero state, all chunks at once
-    h = torch.zeros_like(x[:, :, 0])
+    # (unbind, not indexing in the loops: the backward of each index would write a full-size tensor)
+    a_steps, x_steps = torch.exp(log_a).unbind(2), x.unbind(2)
+    h = torch.zeros_like(x_steps[0])
     local = []
     for t in range(T):
-        h = torch.exp(log_a[:, :, t]) * h + x[:, :, t]
+        h = a_steps[t] * h + x_steps[t]
         local.append(h)
     hl = torch.stack(local, 2)  # (b, nc, T, d, N)
-    decay = torch.exp(log_a.cumsum(2))  # decay from the chunk's start to step t, in (0, 1]
+    decay = torch.exp(log_a.cumsum(2).clamp(min=floor))  # decay from the chunk's start to step t, in (0, 1]
     # 2. carry the state across chunks
     carry = u.new_zeros(b, d, n_state) if h0 is None else h0
     carries = []
-    for c in range(nc):
+    for h_end, a_end in zip(hl[:, :, -1].unbind(1), decay[:, :, -1].unbind(1)):
         carries.append(carry)
-        carry = hl[:, c, -1] + decay[:, c, -1] * carry
+        carry = h_end + a_end * carry
     cin = torch.stack(carries, 1).unsqueeze(2)  # (b, nc, 1, d, N)
     # 3. every step's state = its chunk-local state + the decayed carry
     y = ((hl + decay * cin) * Cp).sum(-1).view(b, nc * T, d)[:, :L]
