@@ -143,6 +143,26 @@ def scenario_check(rank: int, world: int) -> None:
     ring_attention(q, q, q, layout="contiguous")
     assert comm_stats.bytes_sent == kv_bytes * (world - 1), f"dense: sent {comm_stats.bytes_sent} bytes"
     print("ok traffic", flush=True)
+    check_errors(world)
+
+
+def check_errors(world: int) -> None:
+    import pytest
+
+    q = torch.randn(1, 2, 7, 4)
+    with pytest.raises(ValueError, match="even local length"):
+        ring_attention(q, q, q, layout="zigzag")
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(NotImplementedError, match="tied to a layout of the whole sequence"):
+        ring_attention(q, q, q, mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ring_attention(q, q, q, layout="striped")
+    with pytest.raises(NotImplementedError, match="takes no score mod"):
+        qkv.attention(q, q, q, backend="ring", score_mod=qkv.scores.alibi(2))
+    q3 = torch.randn(1, 3 * world + 1, 8, 4)
+    with pytest.raises(ValueError, match="divisible by the group size"):
+        ulysses_attention(q3, q3, q3)
+    print("ok errors", flush=True)
 
 
 def scenario_fail(rank: int, world: int) -> None:
