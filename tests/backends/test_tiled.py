@@ -289,3 +289,22 @@ def test_no_lq_by_lk_tensor_is_ever_built(monkeypatch):
         biggest[0] = 0
         qkv.attention(q[:, :, :2048], k[:, :, :2048], k[:, :, :2048], backend="reference")
     assert biggest[0] >= 2048 * 2048
+
+
+@pytest.mark.parametrize("Lq", [40, 37])
+@pytest.mark.parametrize("window", [None, 9, 16])
+def test_causal_windows_run_as_triangles_without_a_mask(monkeypatch, Lq, window):
+    """Causal (sliding-window) tiles are split into an upper triangle, a full run and a lower
+    triangle, computed with ``is_causal`` and no mask: exact against the oracle, Lq < Lk too."""
+    monkeypatch.setattr(T, "BLOCK_Q", 8)
+    monkeypatch.setattr(T, "BLOCK_K", 4)
+    mask = M.causal() if window is None else M.causal() & M.sliding_window(window)
+    Lk = 45
+    tiles = T.plan_tiles(mask, Shape(1, 2, Lq, Lk), 8, 4)
+    tris = [s.tri for t in tiles for s in t.segments]
+    assert "lower" in tris and (window is None or "upper" in tris)
+    assert all(not s.partial or s.tri for t in tiles[2:4] for s in t.segments)  # no mask evaluated
+    torch.manual_seed(Lq)
+    q, k, v = torch.randn(2, 2, Lq, 8), torch.randn(2, 1, Lk, 8), torch.randn(2, 1, Lk, 8)
+    check_backend("tiled", q, k, v, mask=mask)
+    check_backend("tiled", q.double(), k.double(), v.double(), mask=mask)

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..masks import EMPTY, FULL, Mask, Shape, _Window
+from ..masks import EMPTY, FULL, Mask, Shape, _And, _Window
 from . import register
 from .base import Backend, Request
 
@@ -248,11 +248,17 @@ def _pv(p: Tensor, v: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Segment:
-    """Keys ``[k0, k1)`` of one query tile, computed with the mask (``partial``) or without it."""
+    """Keys ``[k0, k1)`` of one query tile, computed with the mask (``partial``) or without it.
+
+    ``tri`` marks a square segment whose mask is exactly a triangle, which the fused kernel computes
+    with ``is_causal`` (skipping the other half): ``"lower"`` (key ``j`` allowed iff ``j - k0 <= i - q0``,
+    the diagonal of causal attention) or ``"upper"`` (``j - k0 >= i - q0``, the far edge of a causal
+    sliding window; computed with rows and keys reversed). The eager engine evaluates the mask."""
 
     k0: int
     k1: int
     partial: bool
+    tri: str = ""
 
 
 @dataclass(frozen=True)
@@ -286,6 +292,40 @@ def _block_codes(mask: Mask, shape: Shape, block_q: int, block_k: int) -> list[l
     return code
 
 
+def _causal_window(mask: Mask) -> int | None:
+    """``W`` when ``mask`` is exactly a causal sliding window (keys ``p - W <= j <= p``), else None;
+    a large ``W`` stands for plain causal."""
+    parts: list[Mask] = [mask]
+    if type(mask) is _And:
+        parts = [mask.a, mask.b]
+    if not all(type(m) is _Window for m in parts):
+        return None
+    rights = [m.right for m in parts if m.right is not None]  # type: ignore[attr-defined]
+    lefts = [m.left for m in parts if m.left is not None]  # type: ignore[attr-defined]
+    if not rights or min(rights) != 0:
+        return None
+    return min(lefts) if lefts else 1 << 62
+
+
+def _band_tile(q0: int, q1: int, W: int, shape: Shape) -> Tile | None:
+    """Query rows ``[q0, q1)`` of a causal window ``W`` as triangles and a full run (no mask at all):
+    keys ``[p0 - W, p0 - W + t)`` upper triangle, ``[p0 - W + t, p0)`` full, ``[p0, p0 + t)`` lower
+    triangle, where ``p0 = q0 + Lk - Lq`` and ``t = q1 - q0``. None where that layout does not apply."""
+    t = q1 - q0
+    p0 = q0 + shape.offset
+    if p0 < 0 or p0 + t > shape.Lk:
+        return None
+    diag = Segment(p0, p0 + t, True, "lower")
+    if W >= p0 + t:  # plain causal reach: everything before the diagonal is full
+        return Tile(q0, q1, ((Segment(0, p0, False),) if p0 else ()) + (diag,))
+    if t > W or p0 - W < 0:
+        return None
+    segs = [Segment(p0 - W, p0 - W + t, True, "upper")]
+    if W > t:
+        segs.append(Segment(p0 - W + t, p0, False))
+    return Tile(q0, q1, (*segs, diag))
+
+
 def plan_tiles(mask: Mask | None, shape: Shape, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> list[Tile]:
     """The tiles and key segments that ``tiled`` computes for ``mask`` on a problem of ``shape``.
 
@@ -300,10 +340,16 @@ def plan_tiles(mask: Mask | None, shape: Shape, block_q: int = BLOCK_Q, block_k:
         for every batch row and head is in a segment with ``partial=False``."""
     if mask is None:
         return [Tile(0, shape.Lq, (Segment(0, shape.Lk, False),))]
+    window = _causal_window(mask)
     code = _block_codes(mask, shape, block_q, block_k)
     tiles = []
     for i, row in enumerate(code):
         q0, q1 = i * block_q, min((i + 1) * block_q, shape.Lq)
+        if window is not None:
+            band = _band_tile(q0, q1, window, shape)
+            if band is not None:
+                tiles.append(band)
+                continue
         runs: list[list[int]] = []  # [kind, first block, last block + 1]
         for j, c in enumerate(row):
             if c == 0:
@@ -363,8 +409,14 @@ def _fused_forward(
         qt = q[:, :, t.q0 : t.q1]
         acc: tuple[Tensor, Tensor] | None = None
         for seg in t.segments:
-            m = _segment_mask(mask, shape, t, seg)
-            part = _fused_span(qt, k[:, :, seg.k0 : seg.k1], v[:, :, seg.k0 : seg.k1], scale, m, False)
+            ks, vs = k[:, :, seg.k0 : seg.k1], v[:, :, seg.k0 : seg.k1]
+            if seg.tri == "lower":
+                part = _fused_span(qt, ks, vs, scale, None, True)
+            elif seg.tri == "upper":  # reversing rows and keys turns the upper triangle into a lower one
+                o, ls = _fused_span(qt.flip(2), ks.flip(2), vs.flip(2), scale, None, True)
+                part = o.flip(2), ls.flip(-1)
+            else:
+                part = _fused_span(qt, ks, vs, scale, _segment_mask(mask, shape, t, seg), False)
             acc = part if acc is None else merge(acc[0], acc[1], part[0], part[1])
         if acc is not None:
             out[:, :, t.q0 : t.q1] = acc[0]
@@ -402,12 +454,18 @@ class _FusedTiled(torch.autograd.Function):
             sl = slice(t.q0, t.q1)
             qt, dot, ot, lt = q[:, :, sl], dout[:, :, sl], out[:, :, sl], lse[:, :, sl].contiguous()
             for seg in t.segments:
-                m = _segment_mask(mask, shape, t, seg)
                 ks = slice(seg.k0, seg.k1)
-                add = None if m is None else _additive(m, q.dtype)
-                gq, gk, gv = _FLASH_BWD(
-                    dot, qt, k[:, :, ks], v[:, :, ks], ot, lt, 0.0, False, attn_mask=add, scale=scale
-                )
+                if seg.tri == "lower":
+                    gq, gk, gv = _FLASH_BWD(dot, qt, k[:, :, ks], v[:, :, ks], ot, lt, 0.0, True, scale=scale)
+                elif seg.tri == "upper":
+                    f = [x.flip(2) for x in (dot, qt, k[:, :, ks], v[:, :, ks], ot)]
+                    gq, gk, gv = (g.flip(2) for g in _FLASH_BWD(*f, lt.flip(-1), 0.0, True, scale=scale))
+                else:
+                    m = _segment_mask(mask, shape, t, seg)
+                    add = None if m is None else _additive(m, q.dtype)
+                    gq, gk, gv = _FLASH_BWD(
+                        dot, qt, k[:, :, ks], v[:, :, ks], ot, lt, 0.0, False, attn_mask=add, scale=scale
+                    )
                 dq[:, :, sl] += gq
                 dk[:, :, ks] += gk
                 dv[:, :, ks] += gv
