@@ -57,6 +57,22 @@ SENTENCES = [
     "The author revised the final chapter three times before sending it to the publisher.",
 ]
 
+# paraphrase pairs for a contrastive loss (the objective MiniLM's sentence embeddings were trained with)
+PAIRS = [
+    ("The meeting was moved to Friday.", "They rescheduled the meeting for Friday."),
+    ("She could not find her keys anywhere.", "Her keys were nowhere to be found."),
+    ("The price of bread has gone up again.", "Bread is more expensive once more."),
+    ("He fixed the bicycle in an hour.", "It took him an hour to repair the bike."),
+    ("Heavy rain flooded the main road.", "The main road was flooded by the downpour."),
+    ("The library closes at eight tonight.", "Tonight the library shuts at 8 o'clock."),
+    ("The cat is sleeping on the sofa.", "On the couch, the cat is asleep."),
+    ("Our team won the final match.", "We were victorious in the championship game."),
+    ("The file could not be opened.", "Opening the file failed."),
+    ("Please turn off the lights when you leave.", "Switch the lights off on your way out."),
+    ("The baby started crying at midnight.", "At midnight the infant began to cry."),
+    ("The train arrived ten minutes late.", "The train was ten minutes behind schedule."),
+]
+
 CLARK = {
     "cls": "early layers attend to [CLS] (Fig. 2)",
     "sep": "middle layers (6-10 of 12) put over half their attention on [SEP]",
@@ -139,12 +155,14 @@ def main() -> int:
     within, across = float(D[same & off].mean()), float(D[~same].mean())
     print(f"\nJS divergence between heads: within a layer {within:.3f} bits, across layers {across:.3f} bits")
     print("    Clark (BERT-base): heads in the same layer tend to be close (Fig. 6)")
+    importance = _importance(model, table)
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
                 {
                     "table": table,
+                    "importance": importance,
                     "layer_avg": layer_avg,
                     "cls_entropy": cls_ent,
                     "js_within": within,
@@ -154,6 +172,43 @@ def main() -> int:
                 indent=1,
             )
     return 0
+
+
+def _importance(model: torch.nn.Module, table: list[dict]) -> list[list[float]]:
+    """Michel et al. (2019) head importance on a paraphrase loss: mean cosine similarity of non-paraphrase
+    pairs minus that of paraphrase pairs (lower is better)."""
+    import torch.nn.functional as F
+
+    from qkv.analysis import head_importance
+    from qkv.models.bert import mean_pool
+
+    def loss_fn(m: torch.nn.Module, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        embs = []
+        for side in (0, 1):
+            enc = m.encode([p[side] for p in pairs])  # type: ignore[operator]
+            embs.append(F.normalize(mean_pool(m(**enc), enc["attention_mask"]), dim=-1))
+        sim = embs[0] @ embs[1].T
+        n = len(pairs)
+        return (sim.sum() - sim.trace()) / (n * n - n) - sim.trace() / n
+
+    t = time.perf_counter()
+    imp = head_importance(model, loss_fn, [PAIRS])
+    with torch.no_grad():
+        base = float(loss_fn(model, PAIRS))
+    flat = sorted(((float(imp[r["layer"], r["head"]]), r) for r in table), key=lambda x: -x[0])
+    print(f"\nhead importance (Michel et al. 2019), |d loss / d head mask|, normalised per layer, on {len(PAIRS)}")
+    print(f"paraphrase pairs (loss = mean cos of other pairs - mean cos of paraphrases = {base:.3f}):")
+    print("  most important: " + ", ".join(f"{r['name']} {i:.2f}" for i, r in flat[:6]))
+    print("  least important: " + ", ".join(f"{r['name']} {i:.3f}" for i, r in flat[-6:]))
+    cls = torch.tensor([r["cls"] for r in table])
+    iv = torch.tensor([float(imp[r["layer"], r["head"]]) for r in table])
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        return x.argsort().argsort().double()
+
+    rho = float(torch.corrcoef(torch.stack([ranks(cls), ranks(iv)]))[0, 1])
+    print(f"  Spearman correlation of importance with [CLS] mass: {rho:+.2f}  ({time.perf_counter() - t:.1f} s)")
+    return imp.tolist()
 
 
 if __name__ == "__main__":
