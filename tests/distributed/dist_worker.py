@@ -51,9 +51,11 @@ def check_case(
     api: str = "function",
     ids: torch.Tensor | None = None,
     tile: int = 256,
+    group: object = None,
+    seed: int = 1234,
 ) -> None:
     ring_mod.TILE = tile  # sub-tiles of partial chunk pairs (small: exercise the sub-tile plan)
-    g = torch.Generator().manual_seed(1234)
+    g = torch.Generator().manual_seed(seed)
     B, n, D = 2, 8, 8
     L = n * world
     q = torch.randn(B, H, L, D, generator=g, dtype=dtype)
@@ -68,9 +70,9 @@ def check_case(
     ql, kl, vl = (shard(t, layout, rank, world).clone().requires_grad_(True) for t in (q, k, v))
     if api == "function":
         fn = ring_attention if strategy == "ring" else ulysses_attention
-        out = fn(ql, kl, vl, mask=local_mask, layout=layout)
+        out = fn(ql, kl, vl, mask=local_mask, layout=layout, group=group)
     else:
-        out = qkv.attention(ql, kl, vl, mask=local_mask, backend=strategy, layout=layout)
+        out = qkv.attention(ql, kl, vl, mask=local_mask, backend=strategy, layout=layout, group=group)
     out.backward(shard(dout, layout, rank, world))
     got = (out.detach(), ql.grad, kl.grad, vl.grad)
     for what, gt, r, b in zip(("out", "dq", "dk", "dv"), got, ref, base):
@@ -144,6 +146,21 @@ def scenario_check(rank: int, world: int) -> None:
     assert comm_stats.bytes_sent == kv_bytes * (world - 1), f"dense: sent {comm_stats.bytes_sent} bytes"
     print("ok traffic", flush=True)
     check_errors(world)
+    if world == 4:  # two independent groups of two ranks, each with its own sequence
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        grp = groups[rank // 2]
+        for strategy in ("ring", "ulysses"):
+            check_case(
+                f"{strategy} subgroup",
+                dist.get_rank(grp),
+                2,
+                strategy=strategy,
+                layout="zigzag",
+                mask_fn=lambda i: causal(),
+                Hkv=2,
+                group=grp,
+                seed=rank // 2,
+            )
 
 
 def check_errors(world: int) -> None:
