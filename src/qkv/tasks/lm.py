@@ -79,7 +79,7 @@ def train(out: str | None = None, quick: bool = False, seed: int = 0, progress: 
     ctx = 64 if quick else 128
     dim, layers = (64, 2) if quick else (128, 4)
     model = GPT(256, dim, layers, 4, max_len=ctx + 512, pos="rope")
-    steps = 30 if quick else 1500
+    steps = 30 if quick else 1000
     losses = fit(
         model, _batches(tr, ctx, 32, seed), _loss, steps, 3e-3 if quick else 2e-3, desc="lm", progress=progress
     )
