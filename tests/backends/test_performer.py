@@ -73,6 +73,12 @@ def test_projection_option_and_gqa() -> None:
     out = qkv.attention(q, k[:, :1], v[:, :1], backend="performer", seed=2)
     ref = qkv.attention(q, k[:, :1].expand_as(k), v[:, :1].expand_as(v), backend="performer", seed=2)
     torch.testing.assert_close(out, ref)
+    # a generator option draws new features at each call, reproducibly from the generator's seed
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a1 = qkv.attention(q, k, v, backend="performer", num_features=16, generator=g1)
+    a2 = qkv.attention(q, k, v, backend="performer", num_features=16, generator=g1)
+    assert not torch.allclose(a1, a2)
+    torch.testing.assert_close(qkv.attention(q, k, v, backend="performer", num_features=16, generator=g2), a1)
     with pytest.raises(ValueError, match="projection"):
         qkv.attention(q, k, v, backend="performer", projection=torch.randn(4, 3))
 

@@ -15,6 +15,8 @@ by one maximum per (batch, head); both factors cancel between numerator and deno
 Options:
     num_features (int, default 256): ``m``, the number of random features.
     seed (int, default 0): draws ``W`` reproducibly (ignored when ``projection`` is given).
+    generator (torch.Generator): draw ``W`` from this generator instead (advancing it: a new draw
+        per call, i.e. redrawing features at every call).
     projection (Tensor ``(m, D)``): use these feature directions instead of drawing them; a module
         that redraws its features passes its current matrix here (see :func:`draw_projection`).
     orthogonal (bool, default True): orthogonal blocks (FAVOR+) or plain i.i.d. Gaussian rows.
@@ -95,7 +97,7 @@ def favor_features(x: Tensor, projection: Tensor, is_query: bool) -> Tensor:
 
 class Performer(Backend):
     name = "performer"
-    options = frozenset({"num_features", "seed", "projection", "orthogonal", "chunk_size"})
+    options = frozenset({"num_features", "seed", "generator", "projection", "orthogonal", "chunk_size"})
 
     def supports(self, req: Request) -> str | None:
         return decline_reason(req, "Performer attention")
@@ -114,6 +116,7 @@ class Performer(Backend):
                 o.get("num_features", 256),
                 req.D,
                 seed=o.get("seed", 0),
+                generator=o.get("generator"),
                 orthogonal=bool(o.get("orthogonal", True)),
                 dtype=dt,
                 device=req.device,
