@@ -28,7 +28,7 @@ from qkv.distributed import (  # noqa: E402
     zigzag_gather,
     zigzag_split,
 )
-from qkv.masks import causal, document, sliding_window  # noqa: E402
+from qkv.masks import causal, document, padding, sliding_window  # noqa: E402
 
 
 def shard(x: torch.Tensor, layout: str, rank: int, world: int, dim: int = 2) -> torch.Tensor:
@@ -103,6 +103,8 @@ def check_module(rank: int, world: int, strategy: str) -> None:
 def scenario_check(rank: int, world: int) -> None:
     ids = torch.tensor([0] * 5 + [1] * (4 * world) + [2] * (4 * world - 5))  # 8 * world tokens, 3 documents
     doc_causal = lambda i: document(i) & causal()  # noqa: E731
+    L = 8 * world  # padded rows and keys, per batch row, on global positions (some query rows see nothing)
+    pad = padding([L - 5, L // 2 + 1], q_lengths=[L - 3, L // 2])
     cases = [
         ("ring dense zigzag", dict(strategy="ring", layout="zigzag", mask_fn=lambda i: None)),
         ("ring causal zigzag gqa", dict(strategy="ring", layout="zigzag", mask_fn=lambda i: causal(), Hkv=2)),
@@ -117,6 +119,10 @@ def scenario_check(rank: int, world: int) -> None:
             dict(strategy="ring", layout="zigzag", mask_fn=lambda i: sliding_window(3, 2), api="qkv.attention", tile=1),
         ),
         ("ring document causal zigzag", dict(strategy="ring", layout="zigzag", mask_fn=doc_causal, ids=ids, tile=2)),
+        (
+            "ring padding causal zigzag",
+            dict(strategy="ring", layout="zigzag", mask_fn=lambda i: pad & causal(), tile=2),
+        ),
         (
             "ring causal zigzag float64",
             dict(strategy="ring", layout="zigzag", mask_fn=lambda i: causal(), dtype=torch.float64, tile=2),

@@ -423,8 +423,11 @@ def ring_attention(
             never repeated).
         v: local values ``(B, Hkv, n, Dv)``.
         mask: a :class:`qkv.masks.Mask` on GLOBAL positions (``causal()``, ``sliding_window(w)``,
-            ``from_fn(...)``); a ``document(ids)`` mask takes the ids of the LOCAL shard ``(n,)`` or
-            ``(B, n)``, which are gathered.
+            ``padding(global lengths)``, ``from_fn(...)``); a ``document(ids)`` mask takes the ids of
+            the LOCAL shard ``(n,)`` or ``(B, n)``, which are gathered. Dense bool masks and
+            block-sparse layouts are refused (``NotImplementedError``). Through ``qkv.attention`` a mask
+            is first validated against the local shapes, so lengths above ``n`` (``padding``,
+            ``prefix_lm``) need this function.
         scale: multiplies ``q kᵀ``; defaults to ``1 / sqrt(D)``.
         group: the ``torch.distributed`` process group (``None`` = the default group).
         layout: how the sequence is split: ``"zigzag"`` (rank ``r`` holds chunks ``r`` and ``2R-1-r`` of
