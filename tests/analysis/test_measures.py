@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from qkv.analysis import measures as M
@@ -250,3 +252,29 @@ def test_bad_weights():
         M.head_entropy(W, torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="self-attention"):
         M.attention_rollout([torch.rand(1, 1, 2, 3)])
+
+
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    L=st.integers(2, 6),
+    n=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=25)
+def test_invariants_on_random_attention(B, H, L, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    layers = [(3 * torch.randn(B, H, L, L, generator=g, dtype=torch.float64)).softmax(-1) for _ in range(n)]
+    w = layers[0]
+    ent = M.head_entropy(w)
+    assert torch.all(ent >= -1e-12) and torch.all(ent <= math.log(L) + 1e-12)
+    assert torch.allclose(M.mass_on(w, list(range(L))), torch.ones(H, dtype=torch.float64))
+    parts = M.mass_on(w, [0]) + M.mass_on(w, list(range(1, L)))
+    assert torch.allclose(parts, torch.ones(H, dtype=torch.float64))
+    assert torch.all(M.mean_distance(w) <= L - 1 + 1e-12)
+    R = M.attention_rollout(layers)
+    assert torch.allclose(R.sum(-1), torch.ones(B, L, dtype=torch.float64))
+    F = M.attention_flow(layers, b=B - 1)
+    assert torch.all(F >= 0) and torch.allclose(F.sum(-1), torch.ones(L, dtype=torch.float64))
+    D = M.head_distances(layers, dtype=torch.float64)
+    assert torch.all(D >= 0) and torch.all(D <= 1 + 1e-9)
