@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from qkv.bench import measure
+from qkv.bench import compare, measure
 
 
 def main() -> int:
@@ -27,8 +27,7 @@ def main() -> int:
     rows: list[tuple[str, str, bool]] = []
 
     def speed(kind: str, L: int, H: int, mode: str, peer: str = "sdpa") -> tuple[float, float, float]:
-        t = measure("tiled", kind, L, H, mode, repeats=reps, max_call_s=1e9, memory=False)
-        s = measure(peer, kind, L, H, mode, repeats=reps, max_call_s=1e9, reference_bytes=2**34, memory=False)
+        t, s = compare(("tiled", peer), kind, L, H, mode, repeats=reps, max_call_s=1e9, memory=False)
         assert t.ms and s.ms, (t.note, s.note)
         return s.ms / t.ms, t.ms, s.ms
 
@@ -47,12 +46,10 @@ def main() -> int:
         r >= 20,
     )
     if not args.no_flex:
-        cache: dict = {}
         t0 = time.perf_counter()
-        f = measure(
-            "flex", "sliding_window(256)", 8192, 4, "fwd", repeats=reps, max_call_s=1e9, flex_cache=cache, memory=False
+        tt, f = compare(
+            ("tiled", "flex"), "sliding_window(256)", 8192, 4, "fwd", repeats=reps, max_call_s=1e9, memory=False
         )
-        tt = measure("tiled", "sliding_window(256)", 8192, 4, "fwd", repeats=reps, max_call_s=1e9, memory=False)
         assert f.ms and tt.ms
         add(
             "same, faster than compiled FlexAttention (compile excluded)",

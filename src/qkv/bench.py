@@ -13,9 +13,9 @@ runs only where its ``L x L`` matrices fit in a budget.
 
 Peak memory is the growth of the process's resident memory during one call: the kernel's
 high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size before the
-call, with glibc told to ``mmap`` every block of 64 KiB or more so that freed tensors leave the
-resident set. It counts everything the call allocates (outputs, gradients, masks built inside), not
-the inputs. Where ``/proc`` does not allow this the column says ``n/a``.
+call, with glibc told to ``mmap`` every block of 64 KiB or more and its free heap pages released
+(``malloc_trim``) before the call, so that memory the call reuses counts too. It counts everything
+the call allocates (outputs, gradients, masks built inside), not the inputs. Where ``/proc`` does not allow this the column says ``n/a``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import Tensor
 from . import masks as M
 from .attention import attention
 
-__all__ = ["Result", "measure", "peak_memory", "run_bench", "time_median"]
+__all__ = ["Result", "compare", "measure", "peak_memory", "run_bench", "time_median"]
 
 MASKS = ("dense", "causal", "sliding_window(256)", "document(8)")
 METHODS = ("tiled", "sdpa", "flex", "reference")
@@ -94,9 +94,11 @@ def peak_memory(fn: Callable[[], Any]) -> float | None:
     """Peak growth of resident memory (bytes) while ``fn()`` runs, or ``None`` where unmeasurable."""
     global _MMAP_SET
     try:
+        libc = ctypes.CDLL("libc.so.6")
         if not _MMAP_SET:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks return to the OS
+            libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks come from mmap and return to the OS
             _MMAP_SET = True
+        libc.malloc_trim(0)  # free heap pages leave the resident set, so reusing them counts
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident size
         base = _status("VmRSS")
@@ -166,7 +168,37 @@ def measure(
     flex_cache: dict[Any, Any] | None = None,
     memory: bool = True,
 ) -> Result:
-    """Time (median of ``repeats``) and peak extra memory of one method on one case.
+    """Time (median of ``repeats``) and peak extra memory of one method on one case."""
+    return compare(
+        (method,),
+        kind,
+        L,
+        H,
+        mode,
+        repeats=repeats,
+        max_call_s=max_call_s,
+        reference_bytes=reference_bytes,
+        flex_cache=flex_cache,
+        memory=memory,
+    )[0]
+
+
+def compare(
+    methods: Sequence[str],
+    kind: str,
+    L: int,
+    H: int,
+    mode: str,
+    *,
+    repeats: int = 3,
+    max_call_s: float = 4.0,
+    reference_bytes: float = 2**31,
+    flex_cache: dict[Any, Any] | None = None,
+    memory: bool = True,
+) -> list[Result]:
+    """Time and peak extra memory of several methods on one case, timed in turns (one call of each
+    method per round, ``repeats`` rounds, medians), so that a load that changes during the run weighs
+    on all of them alike.
 
     Args:
         method: ``tiled``, ``sdpa``, ``flex`` or ``reference``.
@@ -180,17 +212,45 @@ def measure(
         flex_cache: compiled FlexAttention per case (compile time goes in ``extra["compile_s"]``).
         memory: also measure the peak memory (one more call).
     """
+    prepared = [_prepare(m, kind, L, H, mode, max_call_s, reference_bytes, flex_cache) for m in methods]
+    live = [(res, once) for res, once in prepared if once is not None]
+    times: list[list[float]] = [[] for _ in live]
+    for _, once in live:
+        once()  # warm-up
+    for _ in range(repeats):
+        for i, (_, once) in enumerate(live):
+            t0 = time.perf_counter()
+            once()
+            times[i].append(time.perf_counter() - t0)
+    for (res, once), ts in zip(live, times):
+        res.ms = 1000 * statistics.median(ts)
+        if memory:
+            peak = peak_memory(once)
+            res.mb = None if peak is None else peak / 2**20
+    return [res for res, _ in prepared]
+
+
+def _prepare(
+    method: str,
+    kind: str,
+    L: int,
+    H: int,
+    mode: str,
+    max_call_s: float,
+    reference_bytes: float,
+    flex_cache: dict[Any, Any] | None,
+) -> tuple[Result, Callable[[], None] | None]:
     res = Result(kind, L, H, mode, method)
     est = _estimate_s(method, kind, L, H, mode)
     if est > max_call_s:
         res.note = f"skipped: ~{est:.0f} s per call"
-        return res
+        return res, None
     if method == "reference" and 3 * H * L * L * 4 > reference_bytes:
         res.note = f"skipped: L x L matrices ~{3 * H * L * L * 4 / 2**30:.1f} GiB"
-        return res
+        return res, None
     if method == "sdpa" and kind not in ("dense", "causal") and 9 * L * L > reference_bytes:
         res.note = f"skipped: dense mask and its index grid ~{9 * L * L / 2**30:.1f} GiB"
-        return res
+        return res, None
     g = torch.Generator().manual_seed(L)
     grad = mode == "fwd+bwd"
     q, k, v = (torch.randn(1, H, L, 64, generator=g).requires_grad_(grad) for _ in range(3))
@@ -219,7 +279,7 @@ def measure(
             got = _flex_fn(kind, L, H)
             if got is None:  # pragma: no cover - torch < 2.5
                 res.note = "skipped: FlexAttention needs torch >= 2.5"
-                return res
+                return res, None
             fn, block = got
             t0 = time.perf_counter()
             out = fn(q, k, v, block_mask=block)
@@ -242,11 +302,7 @@ def measure(
             for t in (q, k, v):
                 t.grad = None
 
-    res.ms = 1000 * time_median(once, repeats)
-    if memory:
-        peak = peak_memory(once)
-        res.mb = None if peak is None else peak / 2**20
-    return res
+    return res, once
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,15 +414,13 @@ def run_bench(
         for L in sizes:
             H = 8 if L <= 8192 else 1
             for mode in MODES:
-                for method in METHODS:
-                    if method == "flex" and (L not in flex_at or kind == "dense" or mode != "fwd"):
-                        continue
-                    jobs.append((method, kind, L, H, mode))
-    results = []
+                methods = [m for m in METHODS if m != "flex" or (L in flex_at and kind != "dense" and mode == "fwd")]
+                jobs.append((kind, L, H, mode, methods))
+    results: list[Result] = []
     flex_cache: dict[Any, Any] = {}
     torch.manual_seed(0)
-    for method, kind, L, H, mode in tqdm(jobs, desc="qkv bench", unit="case"):
-        results.append(measure(method, kind, L, H, mode, repeats=reps, max_call_s=max_call, flex_cache=flex_cache))
+    for kind, L, H, mode, methods in tqdm(jobs, desc="qkv bench", unit="case"):
+        results += compare(methods, kind, L, H, mode, repeats=reps, max_call_s=max_call, flex_cache=flex_cache)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()

@@ -308,3 +308,27 @@ def test_causal_windows_run_as_triangles_without_a_mask(monkeypatch, Lq, window)
     q, k, v = torch.randn(2, 2, Lq, 8), torch.randn(2, 1, Lk, 8), torch.randn(2, 1, Lk, 8)
     check_backend("tiled", q, k, v, mask=mask)
     check_backend("tiled", q.double(), k.double(), v.double(), mask=mask)
+
+
+def test_auto_picks_tiled_where_it_skips_work_or_sdpa_would_not_fit(monkeypatch):
+    import sys
+
+    A = sys.modules["qkv.attention"]  # the module (qkv.attention is also the function)
+    q = torch.randn(1, 2, 4096, 8)
+    window = M.causal() & M.sliding_window(256)
+    e = qkv.explain(q, q, q, mask=window)
+    assert e.backend == "tiled" and "non-empty" in e.reason and "%" in e.reason
+    assert qkv.explain(q, q, q).backend == "sdpa"
+    assert qkv.explain(q, q, q, mask=M.causal()).backend == "sdpa"
+    assert qkv.explain(q, q, q, mask=M.padding(4000)).backend == "sdpa"  # nearly every tile is live
+    assert qkv.explain(q, q, q, mask=window, dropout_p=0.1).backend == "sdpa"
+    assert qkv.explain(q[:, :, :64], q[:, :, :64], q[:, :, :64], score_mod=S.softcap(5.0)).backend == "tiled"
+    assert qkv.explain(q[:, :, :64], q[:, :, :64], q[:, :, :64], return_weights=True).backend == "tiled"
+    assert qkv.explain(q[:, :, :64], q[:, :, :64], q[:, :, :64], mask=window).backend == "sdpa"  # tiny
+    monkeypatch.setattr(A, "_available_memory", lambda device: 2**20)
+    e = qkv.explain(q, q, q, mask=M.padding(4000))
+    assert e.backend == "tiled" and "GiB" in e.reason
+    out = qkv.attention(q[:, :, :600], q[:, :, :600], q[:, :, :600], mask=window)
+    torch.testing.assert_close(
+        out, qkv.attention(q[:, :, :600], q[:, :, :600], q[:, :, :600], mask=window, backend="sdpa")
+    )
