@@ -42,6 +42,8 @@ class DemoConfig:
     emb: int = 64
     dim: int = 64
     eval_every: int = 250
+    lr_rnn: float = 3e-3
+    lr_transformer: float = 1e-3
     buckets: tuple[tuple[int, int], ...] = ((1, 5), (6, 11), (12, 17), (18, 23))
 
     @staticmethod
@@ -52,6 +54,7 @@ class DemoConfig:
             steps={"rnn": 150, "rnn+attention": 150, "transformer": 150},
             eval_every=50,
             hidden=96,
+            lr_transformer=3e-3,
         )
 
     @staticmethod
@@ -75,8 +78,9 @@ class ModelResult:
 
 
 def _schedule(steps: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up over 100 steps, then linear decay to 5%."""
-    return lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / max(steps, 1))
+    """Learning-rate factor: linear warm-up over ``min(100, steps // 10)`` steps, then linear decay to 5%."""
+    warm = max(1, min(100, steps // 10))
+    return lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / max(steps, 1))
 
 
 def _build(name: str, cfg: DemoConfig, sv: Vocab, tv: Vocab) -> nn.Module:
@@ -133,7 +137,7 @@ def train_models(
         torch.manual_seed(seed * 1000 + mi)
         rng = random.Random(seed * 1000 + mi)
         model = _build(name, cfg, sv, tv)
-        lr = 1e-3 if name == "transformer" else 3e-3
+        lr = cfg.lr_transformer if name == "transformer" else cfg.lr_rnn
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         steps = cfg.steps[name]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
