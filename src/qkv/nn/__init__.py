@@ -16,7 +16,7 @@ from .positional import (
     T5RelativeBias,
     sinusoidal_table,
 )
-from .ssm import HybridStack, SelectiveSSM, SSMState
+from .ssm import HybridStack, SelectiveSSM, SSMState, hybrid_mixers
 
 __all__ = [
     "ALiBi",
@@ -45,6 +45,7 @@ __all__ = [
     "TorchMasks",
     "TransformerBlock",
     "at_positions",
+    "hybrid_mixers",
     "capture_weights",
     "make_norm",
     "masks_from_torch",
