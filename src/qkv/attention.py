@@ -205,11 +205,12 @@ def _available_memory(device: Any) -> int:
 
 
 #: ``auto`` takes ``tiled`` over SDPA-with-a-dense-mask when at most this fraction of tiles is non-empty
-#: (``python benchmarks/bench_tiled.py``: at 4k-8k tokens tiled is faster already for causal-like
-#: masks, ~50% of tiles, and 5-20x faster for windows and documents)
+#: (``python benchmarks/bench_tiled.py`` and ``qkv bench``: from 2k tokens on, tiled beats SDPA with a
+#: bool mask for windows and documents, 1.4-3.6x at 2k-4k and 9-26x at 8k; causal-like masks, ~50% of
+#: tiles, do about half of SDPA's work)
 TILED_MAX_LIVE = 0.6
-#: below this many (query, key) pairs a dense-mask SDPA call is cheaper than planning tiles
-TILED_MIN_PAIRS = 512 * 512
+#: below this many (query, key) pairs one SDPA call with a dense mask is as fast (measured at 1k: 0.8-1.2x)
+TILED_MIN_PAIRS = 2048 * 2048
 
 
 def _plan(req: Request) -> tuple[str, str]:
