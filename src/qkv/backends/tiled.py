@@ -274,21 +274,12 @@ def _is_causal(mask: Mask | None) -> bool:
     return isinstance(mask, _Window) and type(mask) is _Window and mask.left is None and mask.right == 0
 
 
-_CACHE: list[tuple[Mask, Shape, int, int, list[list[int]]]] = []
-
-
 def _block_codes(mask: Mask, shape: Shape, block_q: int, block_k: int) -> list[list[int]]:
-    """Per (query tile, key block): 0 empty for every batch row and head, 1 full for all, 2 else.
-
-    The last answer is cached (``auto`` asks before ``run`` does; a custom mask costs one pass)."""
-    for m, s, bq, bk, code in _CACHE:
-        if m is mask and s == shape and bq == block_q and bk == block_k:
-            return code
+    """Per (query tile, key block): 0 empty for every batch row and head, 1 full for all, 2 else."""
     kinds = mask.block_kinds(shape, block_q, block_k)  # (B|1, H|1, nq, nk)
     all_empty = (kinds == EMPTY).flatten(0, 1).all(dim=0)
     all_full = (kinds == FULL).flatten(0, 1).all(dim=0)
-    code = torch.where(all_empty, 0, torch.where(all_full, 1, 2)).tolist()
-    _CACHE[:] = [(mask, shape, block_q, block_k, code)]
+    code: list[list[int]] = torch.where(all_empty, 0, torch.where(all_full, 1, 2)).tolist()
     return code
 
 
@@ -326,7 +317,13 @@ def _band_tile(q0: int, q1: int, W: int, shape: Shape) -> Tile | None:
     return Tile(q0, q1, (*segs, diag))
 
 
-def plan_tiles(mask: Mask | None, shape: Shape, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> list[Tile]:
+def plan_tiles(
+    mask: Mask | None,
+    shape: Shape,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    codes: list[list[int]] | None = None,
+) -> list[Tile]:
     """The tiles and key segments that ``tiled`` computes for ``mask`` on a problem of ``shape``.
 
     Args:
@@ -334,6 +331,7 @@ def plan_tiles(mask: Mask | None, shape: Shape, block_q: int = BLOCK_Q, block_k:
         shape: the problem (``B, H, Lq, Lk``).
         block_q: query-tile rows.
         block_k: key-block length (the grain at which empty and full blocks are found).
+        codes: the block classification if already computed (``Tiled.live_fraction``).
 
     Returns:
         One :class:`Tile` per query tile. Empty key blocks appear in no segment; a block that is full
@@ -341,7 +339,7 @@ def plan_tiles(mask: Mask | None, shape: Shape, block_q: int = BLOCK_Q, block_k:
     if mask is None:
         return [Tile(0, shape.Lq, (Segment(0, shape.Lk, False),))]
     window = _causal_window(mask)
-    code = _block_codes(mask, shape, block_q, block_k)
+    code = codes if codes is not None else _block_codes(mask, shape, block_q, block_k)
     tiles = []
     for i, row in enumerate(code):
         q0, q1 = i * block_q, min((i + 1) * block_q, shape.Lq)
@@ -640,6 +638,7 @@ class Tiled(Backend):
             return 1.0, 1
         bq, bk = _block(req, "block_q", BLOCK_Q), _block(req, "block_k", BLOCK_K)
         code = _block_codes(req.mask, req.shape, bq, bk)
+        req.__dict__["_tiled_codes"] = (bq, bk, code)  # this call's run() reuses it (a custom mask costs a pass)
         n = sum(len(r) for r in code)
         return (sum(c != 0 for r in code for c in r) / n if n else 1.0), n
 
@@ -652,7 +651,9 @@ class Tiled(Backend):
         q, k, v = req.q.to(dt), req.k.to(dt), req.v.to(dt)
         D, Dv = req.D, req.Dv
         shape = req.shape
-        tiles = plan_tiles(req.mask, shape, bq, bk)
+        known = req.__dict__.get("_tiled_codes")
+        codes = known[2] if known is not None and known[:2] == (bq, bk) else None
+        tiles = plan_tiles(req.mask, shape, bq, bk, codes)
         if self.fused(req):
             if Dv < D:
                 v = F.pad(v, (0, D - Dv))
