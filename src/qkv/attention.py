@@ -223,7 +223,7 @@ def _plan(req: Request) -> tuple[str, str]:
     if own and tiled_why is None:
         return "tiled", f"the option(s) {', '.join(own)} belong to tiled"
     if sdpa_why is None:
-        if req.mask is None or is_square_causal(req):
+        if req.score_mod is None and (req.mask is None or is_square_causal(req)):
             what = "no mask" if req.mask is None else "square causal (is_causal)"
             return (
                 "sdpa",
@@ -239,9 +239,14 @@ def _plan(req: Request) -> tuple[str, str]:
                 f" against {free / 2**30:.1f} GiB free; tiled needs O(L*D) memory"
             )
         if req.Lq * req.Lk < TILED_MIN_PAIRS:
-            return "sdpa", f"a small problem ({req.Lq}x{req.Lk}): one SDPA call with a dense mask is cheapest"
+            return "sdpa", f"a small problem ({req.Lq}x{req.Lk}): one SDPA call with a dense mask/bias is cheapest"
+        if req.score_mod is not None:
+            return "sdpa", (
+                f"score mod {req.score_mod!r} is additive: SDPA takes it as a dense bias, faster than tiled's"
+                " eager path"
+            )
         live, n = tiled.live_fraction(req)  # type: ignore[attr-defined]
-        if live <= TILED_MAX_LIVE and req.score_mod is None:
+        if live <= TILED_MAX_LIVE:
             return "tiled", (
                 f"mask {req.mask!r} leaves {live:.0%} of {n} tiles non-empty; tiled skips the rest and is"
                 f" measured faster than sdpa with a dense mask at <= {TILED_MAX_LIVE:.0%}"
@@ -251,6 +256,11 @@ def _plan(req: Request) -> tuple[str, str]:
             " mask is as fast"
         )
     if tiled_why is None:
+        if req.return_weights:
+            return "tiled", (
+                f"sdpa declined ({sdpa_why}); tiled recomputes the weights tile by tile from its logsumexp"
+                " (weights_heads=/weights_rows= pick a few)"
+            )
         return "tiled", f"sdpa declined ({sdpa_why}); tiled computes it exactly in O(L*D) memory"
     return "reference", f"sdpa declined ({sdpa_why}) and tiled declined ({tiled_why}); reference computes any request"
 
