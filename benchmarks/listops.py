@@ -2,6 +2,7 @@
 
     python benchmarks/listops.py                 # 1.5 minutes of training per model
     python benchmarks/listops.py --minutes 0.3   # a quick look
+    python benchmarks/listops.py --max-len 256 --min-len 16   # short sequences: many more steps per minute
 
 ListOps (Nangia & Bowman 2018) asks for the value (0-9) of a nested expression such as
 ``[MAX 4 3 [MIN 2 3 ] 1 0 [MED 1 5 8 9 2 ] ]`` (= 5), with MAX, MIN, MED (median, rounded down) and SM
@@ -9,7 +10,9 @@ ListOps (Nangia & Bowman 2018) asks for the value (0-9) of a nested expression s
 at the maximum depth 10), otherwise an operator with 2 to ``--max-args`` (10) arguments; sequences are
 kept when their token count lies in ``[--min-len, --max-len]``. LRA used lengths up to 2k and trained
 for hours; here each model gets ``--minutes`` of wall time on a shared CPU, so the figures say how far
-each mixer gets on a small budget, not what it can reach.
+each mixer gets on a small budget, not what it can reach. On a loaded 2-core machine 1.5 minutes give
+40-150 steps at lengths up to 1k (every mixer stays at the majority class) and 400-1500 steps at
+lengths up to 256 (every mixer learns, to 31-35%).
 
 Every model is the same small encoder (learned positions, ``--layers`` pre-norm blocks of width
 ``--dim``, mean pooling over real tokens, a linear head); only the token mixer differs:
@@ -185,7 +188,7 @@ def train(kind: str, a: argparse.Namespace, train_set: Any, test_b: Any) -> tupl
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             steps += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             if time.perf_counter() - t0 >= budget:
                 break
         print(f"  {kind}: {steps} steps, loss {statistics.mean(losses[-20:]):.3f}", file=sys.stderr, flush=True)
