@@ -128,6 +128,7 @@ def test_alibi_head_count_must_match():
         qkv.attention(q, q, q, score_mod=S.alibi(8))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_score_mod_runs_in_flex_attention():
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     torch.manual_seed(0)
