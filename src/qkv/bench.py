@@ -409,7 +409,7 @@ def run_bench(
     sizes = tuple(sizes) if sizes is not None else (QUICK_SIZES if quick else FULL_SIZES)
     flex_at = set(flex_sizes) if flex_sizes is not None else (set() if quick else {8192})
     reps = repeats if repeats is not None else (2 if quick else 3)
-    max_call = 1.0 if quick else 4.0
+    max_call = 1.0 if quick else 1.5
     jobs = []
     for kind in masks:
         for L in sizes:
