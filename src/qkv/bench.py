@@ -46,6 +46,7 @@ METHODS = ("tiled", "sdpa", "flex", "reference")
 MODES = ("fwd", "fwd+bwd")
 FULL_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_SIZES = (256, 1024)
+COLORS = {"tiled": "tab:blue", "sdpa": "tab:green", "flex": "tab:orange", "reference": "tab:gray"}
 GFLOPS = 100.0
 """Assumed throughput (GFLOP/s) used to skip measurements that would take too long."""
 
@@ -362,10 +363,11 @@ def plot(results: Sequence[Result], path: Path) -> None:
                 if not rs:
                     continue
                 label = f"{method} {mode}"
-                axes[0, j].plot([r.L for r in rs], [r.ms for r in rs], style, marker="o", label=label)
+                color = COLORS[method]
+                axes[0, j].plot([r.L for r in rs], [r.ms for r in rs], style, color=color, marker="o", label=label)
                 mem = [(r.L, r.mb) for r in rs if r.mb is not None]
                 if mem:
-                    axes[1, j].plot(*zip(*mem), style, marker="o", label=label)
+                    axes[1, j].plot(*zip(*mem), style, color=color, marker="o", label=label)
         axes[0, j].set_title(mk)
         for i, yl in enumerate(("median time (ms)", "peak extra memory (MB)")):
             ax = axes[i, j]
@@ -374,8 +376,9 @@ def plot(results: Sequence[Result], path: Path) -> None:
             ax.set_xlabel("sequence length")
             ax.set_ylabel(yl)
             ax.grid(True, which="both", alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("qkv bench: fp32, B=1, D=64 (H in the table)")
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
+    fig.suptitle("qkv bench: fp32, B=1, D=64; H=8 up to 8k tokens, H=1 beyond (hence the drop at 16k)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
