@@ -37,8 +37,11 @@ class AttentionModule(nn.Module):
         """``qkv.attention(q, k, v, backend=self.backend, **kwargs)``, recording weights when capturing."""
         if self._weights_sink is None:
             return attention(q, k, v, backend=self.backend, **kwargs)
-        backend = self.backend if self.backend in ("reference", "tiled") else "auto"
-        out, w = attention(q, k, v, backend=backend, return_weights=True, **kwargs)
+        try:  # the module's own backend, if it returns weights (reference, tiled, linear, ...)
+            out, w = attention(q, k, v, backend=self.backend, return_weights=True, **kwargs)
+        except NotImplementedError:  # e.g. sdpa: fall back to an exact backend that returns weights
+            common = {key: kwargs[key] for key in ("mask", "score_mod", "scale", "dropout_p") if key in kwargs}
+            out, w = attention(q, k, v, backend="auto", return_weights=True, **common)
         self._weights_sink.append((self._capture_name, w.detach()))
         return out
 
