@@ -15,8 +15,8 @@ from oracle import check_backend, oracle
 from qkv import masks as M
 from qkv import scores as S
 from qkv.masks import Shape
-
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+from strategies import DTYPES
+from strategies import problems as shared_problems
 
 
 @pytest.fixture
@@ -29,66 +29,8 @@ def small_tiles(monkeypatch):
 @st.composite
 def problems(draw, dtypes=DTYPES):
     """Random (q, k, v, mask, score_mod, tile sizes) with GQA, Lq != Lk, Dv != D and every mask kind."""
-    B = draw(st.integers(1, 2))
-    Hkv = draw(st.integers(1, 2))
-    H = Hkv * draw(st.sampled_from([1, 2, 3]))
-    Lq, Lk = draw(st.integers(1, 23)), draw(st.integers(1, 23))
-    D, Dv = draw(st.sampled_from([4, 8, 16])), draw(st.sampled_from([4, 8, 5]))
-    dtype = draw(st.sampled_from(dtypes))
-    seed = draw(st.integers(0, 2**16))
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
-    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
-    v = torch.randn(B, Hkv, Lk, Dv, generator=g).to(dtype)
-    kind = draw(
-        st.sampled_from(
-            [
-                "none",
-                "causal",
-                "window",
-                "padding",
-                "document",
-                "prefix",
-                "dilated",
-                "global",
-                "block",
-                "dense",
-                "fn",
-                "combo",
-            ]
-        )
-    )
-    w = draw(st.integers(0, 7))
-    if kind == "none":
-        mask = None
-    elif kind == "causal":
-        mask = M.causal()
-    elif kind == "window":
-        mask = M.sliding_window(w, draw(st.integers(0, 3)))
-    elif kind == "padding":
-        mask = M.padding(draw(st.lists(st.integers(0, Lk), min_size=B, max_size=B)))
-    elif kind == "document":
-        q_ids = sorted(draw(st.lists(st.integers(0, 3), min_size=Lq, max_size=Lq)))
-        k_ids = sorted(draw(st.lists(st.integers(0, 3), min_size=Lk, max_size=Lk)))
-        mask = M.document(q_ids, k_ids)
-    elif kind == "prefix":
-        mask = M.prefix_lm(w)
-    elif kind == "dilated":
-        mask = M.dilated(w + 2, 2)
-    elif kind == "global":
-        mask = M.global_tokens(min(w, Lk)) | M.sliding_window(1, 1)
-    elif kind == "block":
-        bs = 3
-        mask = M.block_sparse(torch.rand(-(-Lq // bs), -(-Lk // bs), generator=g) > 0.5, bs)
-    elif kind == "dense":
-        mask = torch.rand(B, 1, Lq, Lk, generator=g) > 0.4
-    elif kind == "fn":
-
-        def mask(b, h, q_idx, kv_idx):
-            return (q_idx + kv_idx + h) % 3 != 0
-
-    else:
-        mask = (M.causal() & M.sliding_window(w)) | ~M.padding(min(w, Lk))
+    q, k, v, mask = draw(shared_problems(dtypes, max_len=23, max_window=7))
+    H = q.shape[1]
     sm = draw(st.sampled_from([None, None, "softcap", "alibi"]))
     score_mod = {None: None, "softcap": S.softcap(4.0), "alibi": S.alibi(H)}[sm]
     bq, bk = draw(st.integers(1, 9)), draw(st.integers(1, 9))
