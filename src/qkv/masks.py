@@ -109,6 +109,11 @@ class Mask:
     def check(self, s: Shape) -> None:
         """Raise ``ValueError`` if this mask cannot apply to a problem of shape ``s``."""
 
+    @property
+    def is_causal(self) -> bool:
+        """True when this mask is exactly :func:`causal` (what kernels with an ``is_causal`` flag take)."""
+        return False
+
     # ---- public API --------------------------------------------------------------------------
     def tile(self, s: Shape, q0: int, q1: int, k0: int, k1: int) -> Tensor:
         """The mask on queries ``[q0, q1)`` and keys ``[k0, k1)`` of problem ``s``: a bool tensor
@@ -317,6 +322,10 @@ class _Window(Mask):
 
     def __init__(self, left: int | None, right: int | None, name: str):
         self.left, self.right, self.name = left, right, name
+
+    @property
+    def is_causal(self) -> bool:
+        return type(self) is _Window and self.left is None and self.right == 0
 
     def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         d = k - (q + s.offset)  # how far right of the query's own position the key lies

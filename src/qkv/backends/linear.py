@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..masks import Mask, _Full, _Window
+from ..masks import Mask, _Full
 from . import register
 from .base import Backend, Request
 
@@ -42,7 +42,7 @@ def is_causal_mask(mask: Mask | None) -> bool | None:
     """``False`` for no mask (or ``full()``), ``True`` for exactly ``causal()``, ``None`` for anything else."""
     if mask is None or isinstance(mask, _Full):
         return False
-    if type(mask) is _Window and mask.left is None and mask.right == 0:
+    if mask.is_causal:
         return True
     return None
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..masks import _Window
 from . import register
 from .base import Backend, Request
 
@@ -24,8 +23,7 @@ _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 def is_square_causal(req: Request) -> bool:
     """True when the mask is exactly ``causal()`` on a square problem (SDPA's ``is_causal``)."""
-    m = req.mask
-    return isinstance(m, _Window) and m.left is None and m.right == 0 and req.Lq == req.Lk
+    return req.mask is not None and req.mask.is_causal and req.Lq == req.Lk
 
 
 class SDPA(Backend):

@@ -271,7 +271,7 @@ class Tile:
 
 
 def _is_causal(mask: Mask | None) -> bool:
-    return isinstance(mask, _Window) and type(mask) is _Window and mask.left is None and mask.right == 0
+    return mask is not None and mask.is_causal
 
 
 def _block_codes(mask: Mask, shape: Shape, block_q: int, block_k: int) -> list[list[int]]:
