@@ -107,15 +107,6 @@ class LinearSelfAttention(AttentionModule):
             return {"projection": self.projection, "chunk_size": self.chunk_size}
         return {"num_landmarks": self.num_landmarks}
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
-        """``qkv.attention`` on this layer's backend; under ``capture_weights`` it records the weights
-        this approximation implies (``(B, H, L, L)``) rather than switching to exact attention."""
-        if self._weights_sink is None:
-            return attention(q, k, v, backend=self.backend, **kwargs)
-        out, w = attention(q, k, v, backend=self.backend, return_weights=True, **kwargs)
-        self._weights_sink.append((self._capture_name, w.detach()))
-        return out
-
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, L, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
