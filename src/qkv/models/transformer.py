@@ -28,6 +28,13 @@ def _block_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
+def _final_norm(kw: dict[str, Any], d_model: int, final_norm: bool | None) -> nn.Module | None:
+    """The norm after the last block: by default only for pre-norm stacks, which need it."""
+    if not (bool(kw.get("norm_first", False)) if final_norm is None else final_norm):
+        return None
+    return make_norm(kw.get("norm", "layer"), d_model, kw.get("eps", 1e-5), kw.get("bias", True))
+
+
 class TransformerEncoder(BackendSwitch, nn.Module):
     """A stack of :class:`qkv.nn.TransformerBlock` over embeddings ``(B, L, E)``.
 
@@ -52,12 +59,7 @@ class TransformerEncoder(BackendSwitch, nn.Module):
         super().__init__()
         kw = _block_kwargs(block_kwargs)
         self.layers = nn.ModuleList(TransformerBlock(d_model, n_heads, d_ff, **kw) for _ in range(n_layers))
-        pre = bool(kw.get("norm_first", False))
-        self.norm = (
-            make_norm(kw.get("norm", "layer"), d_model, kw.get("eps", 1e-5), kw.get("bias", True))
-            if (pre if final_norm is None else final_norm)
-            else None
-        )
+        self.norm = _final_norm(kw, d_model, final_norm)
 
     def forward(
         self, x: Tensor, *, mask: MaskLike | None = None, score_mod: ScoreMod | ScoreModFn | None = None
@@ -90,12 +92,7 @@ class TransformerDecoder(BackendSwitch, nn.Module):
         self.layers = nn.ModuleList(
             DecoderBlock(d_model, n_heads, d_ff, memory_dim=memory_dim, **kw) for _ in range(n_layers)
         )
-        pre = bool(kw.get("norm_first", False))
-        self.norm = (
-            make_norm(kw.get("norm", "layer"), d_model, kw.get("eps", 1e-5), kw.get("bias", True))
-            if (pre if final_norm is None else final_norm)
-            else None
-        )
+        self.norm = _final_norm(kw, d_model, final_norm)
 
     def make_caches(self, max_len: int) -> list[tuple[FixedKVCache, StaticKVCache]]:
         """One (self-attention, cross-attention) cache pair per layer, for ``max_len`` target tokens."""

@@ -112,6 +112,34 @@ def _copy_norm(dst: nn.Module, src: nn.LayerNorm) -> None:
         dst.bias.copy_(src.bias)
 
 
+def _shaped_like_torch(cls: Any, layer: Any) -> Any:
+    """A ``cls`` block with the sizes, dropout, norm order, activation, bias and eps of torch's
+    ``TransformerEncoderLayer``/``TransformerDecoderLayer`` ``layer``, on its device and dtype."""
+    sa = layer.self_attn
+    new = cls(
+        sa.embed_dim,
+        sa.num_heads,
+        layer.linear1.out_features,
+        dropout=float(layer.dropout.p),
+        norm_first=layer.norm_first,
+        activation=_torch_activation(layer),
+        bias=layer.linear1.bias is not None,
+        eps=layer.norm1.eps,
+    )
+    p = next(layer.parameters())
+    new.to(device=p.device, dtype=p.dtype)  # before copying, so that no weight is rounded
+    return new
+
+
+def _copy_ff_and_norms(new: nn.Module, layer: nn.Module, n_norms: int) -> None:
+    """Copy torch ``layer``'s feed-forward and its ``norm1 .. norm{n_norms}`` into block ``new``."""
+    with torch.no_grad():
+        _copy_linear(new.ff.linear1, layer.linear1)  # type: ignore[union-attr,arg-type]
+        _copy_linear(new.ff.linear2, layer.linear2)  # type: ignore[union-attr,arg-type]
+        for i in range(1, n_norms + 1):
+            _copy_norm(getattr(new, f"norm{i}"), getattr(layer, f"norm{i}"))
+
+
 class TransformerBlock(nn.Module):
     """A token mixer (self-attention by default) and a feed-forward network, each in a residual
     branch; pre-norm or post-norm. This is the encoder block and, with a causal mask, a GPT block.
@@ -187,25 +215,9 @@ class TransformerBlock(nn.Module):
         """A copy of ``torch.nn.TransformerEncoderLayer`` ``layer`` (inputs always ``(B, L, E)``)."""
         if not isinstance(layer, nn.TransformerEncoderLayer):
             raise TypeError(f"from_torch: expected torch.nn.TransformerEncoderLayer, got {type(layer).__name__}")
-        sa = layer.self_attn
-        new = cls(
-            sa.embed_dim,
-            sa.num_heads,
-            layer.linear1.out_features,
-            dropout=float(layer.dropout.p),
-            norm_first=layer.norm_first,
-            activation=_torch_activation(layer),
-            bias=layer.linear1.bias is not None,
-            eps=layer.norm1.eps,
-        )
-        p = next(layer.parameters())
-        new.to(device=p.device, dtype=p.dtype)  # before copying, so that no weight is rounded
-        new.mixer = MultiHeadAttention.from_torch(sa)
-        with torch.no_grad():
-            _copy_linear(new.ff.linear1, layer.linear1)
-            _copy_linear(new.ff.linear2, layer.linear2)
-            _copy_norm(new.norm1, layer.norm1)
-            _copy_norm(new.norm2, layer.norm2)
+        new = _shaped_like_torch(cls, layer)
+        new.mixer = MultiHeadAttention.from_torch(layer.self_attn)
+        _copy_ff_and_norms(new, layer, 2)
         new.train(layer.training)
         return new
 
@@ -293,26 +305,9 @@ class DecoderBlock(nn.Module):
         """A copy of ``torch.nn.TransformerDecoderLayer`` ``layer`` (inputs always ``(B, L, E)``)."""
         if not isinstance(layer, nn.TransformerDecoderLayer):
             raise TypeError(f"from_torch: expected torch.nn.TransformerDecoderLayer, got {type(layer).__name__}")
-        sa = layer.self_attn
-        new = cls(
-            sa.embed_dim,
-            sa.num_heads,
-            layer.linear1.out_features,
-            dropout=float(layer.dropout.p),
-            norm_first=layer.norm_first,
-            activation=_torch_activation(layer),
-            bias=layer.linear1.bias is not None,
-            eps=layer.norm1.eps,
-        )
-        p = next(layer.parameters())
-        new.to(device=p.device, dtype=p.dtype)  # before copying, so that no weight is rounded
-        new.self_attn = MultiHeadAttention.from_torch(sa)
+        new = _shaped_like_torch(cls, layer)
+        new.self_attn = MultiHeadAttention.from_torch(layer.self_attn)
         new.cross_attn = MultiHeadAttention.from_torch(layer.multihead_attn)
-        with torch.no_grad():
-            _copy_linear(new.ff.linear1, layer.linear1)
-            _copy_linear(new.ff.linear2, layer.linear2)
-            _copy_norm(new.norm1, layer.norm1)
-            _copy_norm(new.norm2, layer.norm2)
-            _copy_norm(new.norm3, layer.norm3)
+        _copy_ff_and_norms(new, layer, 3)
         new.train(layer.training)
         return new
