@@ -39,13 +39,13 @@ ScoreModFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 class ScoreMod:
-    """A change to the attention scores; subclasses define ``_apply``."""
+    """A change to the attention scores; subclasses define ``apply``."""
 
     name: str = "score_mod"
     #: whether the mod only adds a bias that depends on indices (then ``additive_bias`` is not None)
     additive: bool = False
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         """Return the new scores; ``score`` broadcasts with ``b (B,1,1,1)``, ``h``, ``q``, ``k``."""
         raise NotImplementedError
 
@@ -62,7 +62,7 @@ class ScoreMod:
         s = Shape(B, H, Lq, Lk)
 
         def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return self._apply(s, score, b, h, q_idx, kv_idx)
+            return self.apply(s, score, b, h, q_idx, kv_idx)
 
         return mod
 
@@ -80,9 +80,9 @@ class _Compose(ScoreMod):
         self.name = " -> ".join(m.name for m in mods)
         self.additive = all(m.additive for m in mods)
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         for m in self.mods:
-            score = m._apply(s, score, b, h, q, k)
+            score = m.apply(s, score, b, h, q, k)
         return score
 
     def check(self, s: Shape) -> None:
@@ -124,7 +124,7 @@ class _Additive(ScoreMod):
     def _bias(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return score + self._bias(s, b, h, q, k).to(score.dtype)
 
     def additive_bias(self, s: Shape) -> Tensor | None:
@@ -180,7 +180,7 @@ class _Softcap(ScoreMod):
         self.cap = float(cap)
         self.name = f"softcap({cap:g})"
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return self.cap * torch.tanh(score / self.cap)
 
 
@@ -260,7 +260,7 @@ class _Bias(ScoreMod):
         if len(got) > 4 or any(g not in (1, w) for g, w in zip(reversed(got), reversed(want))):
             raise ValueError(f"bias of shape {got} does not broadcast to (B, H, Lq, Lk) = {want}")
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         t = self.t
         while t.dim() < 4:
             t = t.unsqueeze(0)
@@ -288,7 +288,7 @@ class _Fn(ScoreMod):
         self.fn = fn
         self.name = getattr(fn, "__name__", "score_mod")
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         out = self.fn(score, b, h, q, k)
         if not isinstance(out, Tensor):
             raise TypeError(f"score_mod {self.name} must return a tensor, got {type(out).__name__}")

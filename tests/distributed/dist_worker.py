@@ -17,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qkv  # noqa: E402
-import qkv.distributed.ring as ring_mod  # noqa: E402
+import qkv.backends.ring as ring_mod  # noqa: E402
 from oracle import FLOOR, low_precision_reference, oracle  # noqa: E402
 from qkv.distributed import (  # noqa: E402
     SequenceParallelAttention,
@@ -180,6 +180,23 @@ def check_errors(world: int) -> None:
         ring_attention(q, q, q, mask=torch.ones(8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="layout must be one of"):
         ring_attention(q, q, q, layout="striped")
+
+    class SameKind(qkv.masks.Mask):  # a user's mask holding per-position data of its shard
+        name = "same_kind"
+
+        def __init__(self, kinds: torch.Tensor) -> None:
+            self.kinds = kinds
+
+        def evaluate(self, s, b, h, qi, ki):  # type: ignore[no-untyped-def]
+            return self.kinds[qi] == self.kinds[ki]
+
+    kinds = SameKind(torch.arange(8) % 2)
+    qw = torch.randn(1, 2 * world, 8, 4)
+    for fn in (ring_attention, ulysses_attention):
+        with pytest.raises(NotImplementedError, match="does not say how it maps to global positions"):
+            fn(qw, qw, qw, mask=qkv.masks.causal() & kinds)
+    with pytest.raises(NotImplementedError, match="does not say how it maps to global positions"):
+        qkv.attention(q, q, q, backend="ring", mask=kinds)
     with pytest.raises(NotImplementedError, match="takes no score mod"):
         qkv.attention(q, q, q, backend="ring", score_mod=qkv.scores.alibi(2))
     q3 = torch.randn(1, 3 * world + 1, 8, 4)

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.distributed import global_positions, zigzag_split
-from qkv.distributed._common import zigzag_unshuffle
+from qkv.distributed import global_positions, zigzag_split, zigzag_unshuffle
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from ..masks import Mask, Shape
 from ..scores import ScoreMod
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
     """One validated call of :func:`qkv.attention`, in 4-D layout.
 
@@ -75,25 +76,64 @@ class Request:
         return Shape(self.B, self.H, self.Lq, self.Lk, self.q.device)
 
     @property
+    def flops(self) -> float:
+        """Forward floating-point operations if every pair met: ``2 B H Lq Lk (D + Dv)``."""
+        return 2.0 * self.B * self.H * self.Lq * self.Lk * (self.D + self.Dv)
+
+    @property
     def requires_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
 
 
 class Backend:
-    """A way of computing attention. Subclasses set ``name`` and implement ``supports`` and ``run``."""
+    """A way of computing attention: the protocol every backend implements, and ``auto`` reads.
+
+    A backend is one file that defines a subclass and registers an instance
+    (:func:`qkv.backends.register`). ``auto`` never names a backend: it asks every available,
+    ``automatic`` backend whether it ``supports`` the request and what it would ``cost``, and runs the
+    cheapest with the ``plan`` it made. :func:`qkv.explain` prints every candidate's cost or reason.
+
+    Subclasses set :attr:`name` (and :attr:`options`, :attr:`automatic`) and implement
+    :meth:`supports`, :meth:`cost` and :meth:`run`; :meth:`plan` when they decide something before
+    computing that is worth caching (build it with :func:`qkv.backends.plan.cached`).
+    """
 
     name: str = "backend"
     #: extra keyword arguments of ``qkv.attention`` this backend understands
     options: frozenset[str] = frozenset()
+    #: whether ``auto`` may pick it (False for approximations, and for backends whose inputs mean
+    #: something else, such as ring attention's local shards)
+    automatic: bool = True
 
     def available(self) -> bool:
         """Whether this backend can run on this machine at all (installed packages, devices)."""
         return True
 
     def supports(self, req: Request) -> str | None:
-        """``None`` if this backend can compute ``req``; otherwise the reason it cannot."""
+        """``None`` if this backend can compute ``req``; otherwise the reason it cannot, in words."""
         return None
 
-    def run(self, req: Request) -> Tensor | tuple[Tensor, Tensor]:
-        """The output ``(B, H, Lq, Dv)`` or, with ``req.return_weights``, ``(out, weights)``."""
+    def plan(self, req: Request) -> Any:
+        """What this backend decides before computing ``req`` (tile classification, a block mask), as
+        data; ``None`` when there is nothing to decide. Called once per call by ``auto`` and handed to
+        :meth:`run`; implementations cache it per (mask, shape, ...) so repeated calls and the layers
+        of a model that share a mask reuse it."""
+        return None
+
+    def cost(self, req: Request) -> float:
+        """Estimated seconds to compute ``req`` on this machine (from measured constants); only
+        compared with other backends' estimates. Called only when :meth:`supports` said ``None``."""
+        return math.inf
+
+    def describe(self, req: Request) -> str:
+        """One phrase on how this backend would compute ``req`` (shown by :func:`qkv.explain`)."""
+        return ""
+
+    def run(self, req: Request, plan: Any = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The output ``(B, H, Lq, Dv)`` or, with ``req.return_weights``, ``(out, weights)``.
+
+        ``plan`` is what :meth:`plan` returned for ``req`` (``None``: build it)."""
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"

@@ -6,16 +6,21 @@ half-precision inputs and in float64 for float64 inputs; returns the weights on 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from . import register
 from .base import Backend, Request
+from .kernels import compute_dtype, safe_softmax
+from .registry import register
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+#: measured constants of the cost model: the formula as written runs its matmuls at about this rate,
+#: spends about this long per element of the ``Lq x Lk`` tensors it builds (scores, mask, weights) and
+#: has this fixed cost per call (a dozen small ops)
+FLOPS = 60e9
+PAIR_S = 6e-9
+CALL_S = 200e-6
 
 
 def scores(req: Request, dtype: torch.dtype | None = None) -> Tensor:
@@ -35,25 +40,16 @@ def scores(req: Request, dtype: torch.dtype | None = None) -> Tensor:
         qi = torch.arange(Lq, device=dev).view(1, 1, -1, 1)
         ki = torch.arange(Lk, device=dev).view(1, 1, 1, -1)
         if req.score_mod is not None:
-            s = req.score_mod._apply(shape, s, b, h, qi, ki).to(dt).expand(B, H, Lq, Lk)
+            s = req.score_mod.apply(shape, s, b, h, qi, ki).to(dt).expand(B, H, Lq, Lk)
         if req.mask is not None:
             s = s.masked_fill(~req.mask.tile(shape, 0, Lq, 0, Lk), float("-inf"))
     return s
 
 
-def softmax_rows(s: Tensor) -> Tensor:
-    """Softmax over the last dim where a row of only ``-inf`` gives zeros (and zero gradient)."""
-    m = s.detach().amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(denom == 0, torch.ones_like(denom), denom)
-
-
 def reference_attention(req: Request, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Output ``(B, H, Lq, Dv)`` and weights ``(B, H, Lq, Lk)``, both in the compute dtype."""
     dt = dtype or compute_dtype(req.dtype)
-    w = softmax_rows(scores(req, dt))
+    w = safe_softmax(scores(req, dt))
     wd = torch.nn.functional.dropout(w, req.dropout_p) if req.dropout_p > 0 else w
     B, H, Hkv, G, Lq, Lk = req.B, req.H, req.Hkv, req.groups, req.Lq, req.Lk
     out = wd.reshape(B, Hkv, G, Lq, Lk) @ req.v.to(dt).unsqueeze(2)  # (B, Hkv, G, Lq, Dv)
@@ -63,7 +59,14 @@ def reference_attention(req: Request, dtype: torch.dtype | None = None) -> tuple
 class Reference(Backend):
     name = "reference"
 
-    def run(self, req: Request) -> Tensor | tuple[Tensor, Tensor]:
+    def cost(self, req: Request) -> float:
+        s = req.flops / FLOPS + req.B * req.H * req.Lq * req.Lk * PAIR_S + CALL_S
+        return 3.0 * s if req.requires_grad else s
+
+    def describe(self, req: Request) -> str:
+        return "the formula as written, O(Lq*Lk) memory"
+
+    def run(self, req: Request, plan: Any = None) -> Tensor | tuple[Tensor, Tensor]:
         out, w = reference_attention(req)
         if req.return_weights:
             return out.to(req.dtype), w.to(req.dtype)

@@ -9,21 +9,57 @@ zero gradient on every torch release (older ones gave NaN). What it declines: no
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import register
 from .base import Backend, Request
+from .kernels import FUSED_CALL_S, FUSED_CAUSAL_SHARE, FUSED_FLOPS
+from .registry import register
 
-_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 def is_square_causal(req: Request) -> bool:
     """True when the mask is exactly ``causal()`` on a square problem (SDPA's ``is_causal``)."""
     return req.mask is not None and req.mask.is_causal and req.Lq == req.Lk
+
+
+def _available_memory(device: Any) -> int:
+    """Bytes free for new tensors on ``device`` (CUDA: the allocator's view; else MemAvailable)."""
+    if getattr(device, "type", "cpu") == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # pragma: no cover - a device without the query
+            pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) if hasattr(os, "sysconf") else 1 << 34
+
+
+def _dense(req: Request) -> bool:
+    """Whether SDPA needs a dense ``(B, H, Lq, Lk)`` mask or bias for ``req``."""
+    return not (req.score_mod is None and (req.mask is None or is_square_causal(req)))
+
+
+#: measured constants of the cost model (``python benchmarks/auto_regret.py`` checks them); with no mask
+#: SDPA runs the CPU flash kernel of :mod:`qkv.backends.kernels` (its rate: ``FUSED_FLOPS``)
+MASKED_SLOWDOWN = 2.2
+"""How much slower the fused kernel runs with an explicit mask or bias than without one."""
+DENSE_PAIR_S = 1.2e-9
+"""Seconds per element of the dense mask or bias built and read (per broadcast row of B*H)."""
+DENSE_CALL_S = 80e-6
+"""Fixed seconds to build a dense mask or bias and check it for rows that see nothing."""
+CHECK_MEMORY_ABOVE = 64 << 20
+"""Dense masks above this many bytes are checked against the memory free on the device."""
 
 
 class SDPA(Backend):
@@ -34,18 +70,44 @@ class SDPA(Backend):
             return "SDPA does not return attention weights"
         if req.score_mod is not None and not req.score_mod.additive:
             return f"score mod {req.score_mod.name} is not an additive bias, which is all SDPA takes"
+        if _dense(req):
+            dense = req.B * req.H * req.Lq * req.Lk * 4
+            if dense > CHECK_MEMORY_ABOVE:
+                free = _available_memory(req.device)
+                if dense > free // 2:
+                    return (
+                        f"sdpa would build a dense {req.B}x{req.H}x{req.Lq}x{req.Lk} mask/bias"
+                        f" (~{dense / 2**30:.1f} GiB) against {free / 2**30:.1f} GiB free"
+                    )
         return None
 
-    def run(self, req: Request) -> Tensor:
+    def cost(self, req: Request) -> float:
+        s = req.flops / FUSED_FLOPS + FUSED_CALL_S
+        if not _dense(req):
+            s *= FUSED_CAUSAL_SHARE if req.mask is not None else 1.0
+        else:
+            rows = req.B * req.H if req.score_mod is not None else max(1, req.B)
+            s = s * MASKED_SLOWDOWN + rows * req.Lq * req.Lk * DENSE_PAIR_S + DENSE_CALL_S
+        if req.requires_grad:
+            s *= 3.0
+        return s
+
+    def describe(self, req: Request) -> str:
+        if not _dense(req):
+            what = "no mask" if req.mask is None else "square causal (is_causal)"
+            return f"PyTorch's fused kernel, {what}, nothing to skip"
+        return "PyTorch's fused kernel with a dense mask/bias (Lq x Lk per batch row)"
+
+    def run(self, req: Request, plan: Any = None) -> Tensor:
         q, k, v = req.q, req.k, req.v
         shape = req.shape
         gqa: dict[str, Any] = {}
         if req.groups > 1:
-            if _HAS_GQA:
+            if HAS_GQA:
                 gqa["enable_gqa"] = True
             else:  # torch < 2.5: copy K/V per query head
                 k, v = k.repeat_interleave(req.groups, 1), v.repeat_interleave(req.groups, 1)
-        if req.score_mod is None and (req.mask is None or is_square_causal(req)):
+        if not _dense(req):
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=req.dropout_p, is_causal=req.mask is not None, scale=req.scale, **gqa
             )

@@ -235,7 +235,7 @@ def at_positions(
     new_mask: Mask | None = None
     if mask is not None:
         mask.check(s)
-        m = mask._eval(s, b, h, q, kpos)
+        m = mask.evaluate(s, b, h, q, kpos)
         m = torch.as_tensor(m, device=dev, dtype=torch.bool)
         while m.dim() < 4:
             m = m.unsqueeze(0)
@@ -245,7 +245,7 @@ def at_positions(
         score_mod.check(s)
         if score_mod.additive:
             zero = torch.zeros((), dtype=torch.float32, device=dev)
-            t = score_mod._apply(s, zero, b, h, q, kpos)
+            t = score_mod.apply(s, zero, b, h, q, kpos)
             while t.dim() < 4:
                 t = t.unsqueeze(0)
             new_mod = bias(t.expand(*t.shape[:2], Lq, positions.numel()))
@@ -255,7 +255,7 @@ def at_positions(
             sm = score_mod
 
             def remapped(score: Tensor, bb: Tensor, hh: Tensor, qq: Tensor, kk: Tensor) -> Tensor:
-                return sm._apply(s, score, bb, hh, qq, positions[kk])
+                return sm.apply(s, score, bb, hh, qq, positions[kk])
 
             new_mod = as_score_mod(remapped)
     return new_mask, new_mod

@@ -17,10 +17,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..masks import MaskLike, as_mask
-from ._common import comm_stats, globalize_mask, group_rank_world, unsupported_mask, zigzag_unshuffle
-from .ring import check_shards
+from .base import Request
+from .policy import resolve
+from .registry import register
+from .ring import Ring
+from .seqpar import check_shards, comm_stats, globalize_mask, group_rank_world, unsupported_mask, zigzag_unshuffle
 
-__all__ = ["seq_to_heads", "heads_to_seq", "ulysses_attention"]
+__all__ = ["Ulysses", "heads_to_seq", "seq_to_heads", "ulysses_attention"]
 
 
 def _a2a(x: Tensor, group: Any) -> Tensor:
@@ -115,13 +118,11 @@ def ulysses_attention(
         scale: defaults to ``1 / sqrt(D)``.
         group: the process group (``None`` = default).
         layout: ``"zigzag"`` or ``"contiguous"``, how the sequence is split (the same as the ring's).
-        inner_backend: the backend of :func:`qkv.attention` that each rank runs on its heads.
+        inner_backend: the backend (``"auto"`` or a name) that each rank runs on its heads.
 
     Returns:
         the local output ``(B, H, n, Dv)``.
     """
-    from ..attention import attention
-
     _, world = group_rank_world(group)
     check_shards(q, k, v, layout, world)
     H, Hkv = q.shape[1], k.shape[1]
@@ -143,7 +144,32 @@ def ulysses_attention(
     n = q.shape[2]
     order = _natural_order(world, n, layout, q.device)
     qh, kh, vh = (seq_to_heads(t, group).index_select(2, order) for t in (q, k, v))
-    oh = attention(qh, kh, vh, mask=gmask, scale=scale, backend=inner_backend)
+    sc = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    req = Request(qh, kh, vh, gmask, None, sc, 0.0, False)
+    if gmask is not None:
+        gmask.check(req.shape)
+    impl, plan = resolve(req, inner_backend)
+    oh = impl.run(req, plan)
+    assert isinstance(oh, Tensor)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
     return heads_to_seq(oh.index_select(2, inv), group)
+
+
+class Ulysses(Ring):
+    name = "ulysses"
+
+    def supports(self, req: Request) -> str | None:
+        import torch.distributed as dist
+
+        why = super().supports(req)
+        world = dist.get_world_size(req.options.get("group"))
+        if why is None and req.H % world:
+            return f"ulysses attention needs the heads H={req.H} divisible by the group size {world}"
+        return why
+
+    def run(self, req: Request, plan: Any = None) -> Tensor:
+        return ulysses_attention(req.q, req.k, req.v, mask=req.mask, scale=req.scale, **req.options)
+
+
+register(Ulysses())

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..backends.seqpar import check_layout
 from ..masks import Mask
-from ..nn.base import AttentionModule
-from ._common import check_layout
+from .base import AttentionModule
 
 __all__ = ["SequenceParallelAttention"]
 

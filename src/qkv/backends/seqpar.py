@@ -1,5 +1,5 @@
 """What ring and Ulysses attention share: process groups, sequence layouts, global masks, traffic counts,
-and failing together instead of hanging."""
+and failing together instead of hanging. (Public names are re-exported by :mod:`qkv.distributed`.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..masks import Mask, _And, _Dense, _Document, _Not, _Or, _VarlenCausal
+from ..masks import Mask
 
 Layout = Literal["zigzag", "contiguous"]
 LAYOUTS: tuple[str, ...] = ("zigzag", "contiguous")
@@ -26,6 +26,8 @@ __all__ = [
     "comm_stats",
     "fail_together",
     "global_positions",
+    "globalize_mask",
+    "unsupported_mask",
     "zigzag_gather",
     "zigzag_split",
 ]
@@ -154,49 +156,38 @@ def gather_sequence(x: Tensor, layout: str, dim: int, group: Any) -> Tensor:
     return torch.cat(shards, dim=dim)
 
 
+def check_shards(q: Tensor, k: Tensor, v: Tensor, layout: str, world: int) -> None:
+    """``ValueError`` unless ``q``, ``k``, ``v`` are equal-length 4-D local shards fit for ``layout``."""
+    check_layout(layout)
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"sequence-parallel attention takes 4-D local shards (B, H, n, D), got {shapes}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"sequence-parallel attention is self-attention over one split sequence: q and k must hold the"
+            f" same number of local tokens n (dim 2), got {shapes}"
+        )
+    if layout == "zigzag" and q.shape[2] % 2:
+        raise ValueError(f"layout='zigzag' needs an even local length n (two chunks per rank), got {shapes}")
+
+
 # ------------------------------------------------------------------------------------------------
 # masks on global positions
 
 
 def unsupported_mask(m: Mask | None) -> str | None:
     """Why a mask cannot be evaluated on global positions from local shards, or ``None`` if it can."""
-    if m is None:
-        return None
-    if isinstance(m, (_And, _Or)):
-        return unsupported_mask(m.a) or unsupported_mask(m.b)
-    if isinstance(m, _Not):
-        return unsupported_mask(m.a)
-    if isinstance(m, (_Dense, _VarlenCausal)) or hasattr(m, "layout"):
-        return (
-            f"mask {m.name} is tied to a layout of the whole sequence; sequence-parallel attention takes"
-            " positional masks (causal, sliding_window, ...), document(local ids) and mask_mod functions"
-        )
-    return None
+    return None if m is None else m.shard_blocker()
 
 
 def globalize_mask(m: Mask | None, layout: str, group: Any) -> Mask | None:
-    """The mask of the whole sequence from the mask given with local shards.
-
-    Positional masks and ``mask_mod`` functions already speak global positions; a ``document`` mask
-    carries the local shard's ids, which are gathered (in natural order) from every rank."""
+    """The mask of the whole sequence from the mask given with local shards (:meth:`Mask.globalize`):
+    positional masks and ``mask_mod`` functions already speak global positions; per-position data
+    (a ``document`` mask's ids) is gathered, in natural order, from every rank. A mask that cannot
+    say how raises ``NotImplementedError`` with its reason."""
     if m is None:
         return None
-    if isinstance(m, _Or):
-        return _Or(_need(globalize_mask(m.a, layout, group)), _need(globalize_mask(m.b, layout, group)))
-    if isinstance(m, _And):
-        return _And(_need(globalize_mask(m.a, layout, group)), _need(globalize_mask(m.b, layout, group)))
-    if isinstance(m, _Not):
-        return _Not(_need(globalize_mask(m.a, layout, group)))
-    if isinstance(m, _Document):
-        qi = gather_sequence(m.q_ids, layout, -1, group)
-        ki = qi if m.kv_ids is m.q_ids else gather_sequence(m.kv_ids, layout, -1, group)
-        return _Document(qi, ki)
-    return m
-
-
-def _need(m: Mask | None) -> Mask:
-    assert m is not None
-    return m
+    return m.globalize(lambda t: gather_sequence(t, layout, -1, group))
 
 
 # ------------------------------------------------------------------------------------------------
