@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -13,3 +14,18 @@ settings.register_profile(
 )
 settings.load_profile("qkv")
 torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _half_precision_kernel_pinned():
+    """Pin the fused kernel's half-precision speed (measured per machine otherwise) so that every test
+    runs the same engines everywhere: bf16/fp16 go to the fused kernel as they are. Tests of the float32
+    fallback pin it low themselves."""
+    from qkv.backends import kernels
+
+    saved = dict(kernels._HALF_SPEED)
+    for dt in kernels.HALF:
+        kernels._HALF_SPEED[dt, False] = kernels._HALF_SPEED[dt, True] = 1.0
+    yield
+    kernels._HALF_SPEED.clear()
+    kernels._HALF_SPEED.update(saved)

@@ -15,11 +15,20 @@ Two engines compute a span:
 * **eager** (any device, score mods): the same formulas written with matmuls, differentiable by
   autograd; ``mod`` changes the scores of the span before the softmax.
 
+Half precision: the fused kernel takes bfloat16/float16 as they are (its matmuls accumulate in float32,
+``P`` is rounded to the low dtype before ``P V``, the logsumexp comes back in float32) unless it runs
+clearly slower in that dtype than in float32 on this machine (:func:`half_speed`, measured once); there,
+and on the eager engine, spans are computed in float32. Logsumexps and merges are float32. Its
+backward accumulates ``dK``/``dV`` in the low dtype, once per block of 64 or 256 query rows and per
+query head of a group; :func:`span_backward` bounds that to :data:`BWD_ROWS` rows and one head per call
+and adds the calls' results in float32 (see its docstring).
+
 The compute dtype rule (:func:`compute_dtype`) and the one safe softmax (:func:`safe_softmax`) live here.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,11 +39,14 @@ from torch import Tensor
 __all__ = [
     "FLASH",
     "FLASH_BWD",
+    "CAST_S",
     "FUSED_CALL_S",
     "FUSED_CAUSAL_SHARE",
     "FUSED_FLOPS",
+    "HALF",
     "compute_dtype",
     "fused_ok",
+    "half_speed",
     "merge",
     "merge_into",
     "safe_softmax",
@@ -64,11 +76,72 @@ FUSED_CAUSAL_SHARE = 0.55
 """The share of a dense call's time that a square ``is_causal`` call takes (it skips in 64-row steps)."""
 FUSED_CALL_S = 20e-6
 """Fixed seconds per call (dispatch, slicing, allocation)."""
+CAST_S = 4e-9
+"""Seconds per element cast between half precision and float32."""
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype spans are computed in: float64 stays float64, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+HALF = (torch.float16, torch.bfloat16)
+"""The half-precision dtypes."""
+
+BWD_ROWS = 1024
+"""Query rows per call of the fused backward in half precision (see :func:`span_backward`)."""
+
+HALF_MIN_SPEED = 0.75
+"""Half-precision inputs go to the fused kernel as they are unless it runs slower than this fraction of
+its float32 speed (then spans are computed in float32): clearly slower, not within the noise of a
+machine where the two run alike."""
+
+_HALF_SPEED: dict[tuple[torch.dtype, bool], float] = {}
+
+
+def _measure_half_speed(dtype: torch.dtype) -> tuple[float, float]:
+    """``(forward, backward)`` speed of the fused kernel in ``dtype`` relative to float32: the float32
+    time over the ``dtype`` time, best of 5 interleaved runs on ``(1, 2, 512, 64)`` (tens of ms)."""
+    assert FLASH is not None and FLASH_BWD is not None
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(1, 2, 512, 64, generator=g) for _ in range(4)]
+    best = {(dt, bwd): float("inf") for dt in (torch.float32, dtype) for bwd in (False, True)}
+    for _ in range(5):
+        for dt in (torch.float32, dtype):
+            q, k, v, do = (t.to(dt) for t in base)
+            t0 = time.perf_counter()
+            out, lse = FLASH(q, k, v, 0.0, False, scale=0.125)
+            t1 = time.perf_counter()
+            FLASH_BWD(do, q, k, v, out, lse, 0.0, False, scale=0.125)
+            t2 = time.perf_counter()
+            best[dt, False] = min(best[dt, False], t1 - t0)
+            best[dt, True] = min(best[dt, True], t2 - t1)
+    return tuple(best[torch.float32, b] / max(best[dtype, b], 1e-9) for b in (False, True))  # type: ignore[return-value]
+
+
+def half_speed(dtype: torch.dtype, backward: bool = False) -> float:
+    """How many times faster the fused CPU kernel runs in ``dtype`` (float16 or bfloat16) than in
+    float32 on this machine, forward or ``backward``: measured the first time it is asked (tens of ms),
+    then cached for the process. Machines differ: an Intel Xeon with AMX runs bf16 matmuls ~3.7x faster
+    than fp32; an AMD EPYC without AMX gains little, and its float16 backward is several times slower."""
+    if FLASH is None or FLASH_BWD is None or dtype not in HALF:
+        return 1.0
+    if (dtype, backward) not in _HALF_SPEED:
+        fwd, bwd = _measure_half_speed(dtype)
+        _HALF_SPEED[dtype, False], _HALF_SPEED[dtype, True] = fwd, bwd
+    return _HALF_SPEED[dtype, backward]
+
+
+def compute_dtype(dtype: torch.dtype, fused: bool = False, backward: bool = False) -> torch.dtype:
+    """The dtype spans are computed in: float64 stays float64; float16/bfloat16 stay as they are on the
+    ``fused`` CPU kernel unless it runs clearly slower in them than in float32 on this machine
+    (:func:`half_speed` below :data:`HALF_MIN_SPEED`, for the forward, and for the ``backward`` too
+    when asked about it); everything else is float32."""
+    if dtype == torch.float64:
+        return torch.float64
+    if (
+        fused
+        and dtype in HALF
+        and half_speed(dtype) >= HALF_MIN_SPEED
+        and (not backward or half_speed(dtype, True) >= HALF_MIN_SPEED)
+    ):
+        return dtype
+    return torch.float32
 
 
 def fused_ok(t: Tensor) -> bool:
@@ -77,7 +150,7 @@ def fused_ok(t: Tensor) -> bool:
         FLASH is not None
         and FLASH_BWD is not None
         and t.device.type == "cpu"
-        and t.dtype in (torch.float32, torch.float64)
+        and t.dtype in (torch.float32, torch.float64, *HALF)
     )
 
 
@@ -194,8 +267,9 @@ def span_forward(
         mod: changes the span's scores ``(B, H, m, n)`` before the softmax (forces the eager engine).
 
     Returns:
-        ``out (B, H, m, Dv)`` and ``lse (B, H, m)`` in the compute dtype of the inputs (call with
-        :func:`compute_dtype` tensors); rows that see nothing get zeros and ``lse = -inf``. The fused
+        ``out (B, H, m, Dv)`` in the dtype of the inputs (call with :func:`compute_dtype` tensors) and
+        ``lse (B, H, m)`` in that dtype, or float32 for float16/bfloat16 inputs; rows that see nothing
+        get zeros and ``lse = -inf``. The fused
         engine runs without autograd (wrap it in an ``autograd.Function`` with :func:`span_backward`);
         the eager engine is differentiable.
     """
@@ -207,7 +281,7 @@ def span_forward(
         out, lse = FLASH(qp, kp, vp, 0.0, causal, attn_mask=add, scale=scale)
         if mask is not None:
             lse = lse.masked_fill(~mask.any(dim=-1), float("-inf"))
-        return out[..., :Dv], lse.to(q.dtype)
+        return out[..., :Dv], lse
     s = scores(q, k, scale)
     if mod is not None:
         s = mod(s)
@@ -241,22 +315,22 @@ def span_backward(
 
     The FlashAttention-2 backward: ``P = exp(S - lse)``, ``dV = Pᵀ dO``, ``dS = P (dO Vᵀ - rowsum(dO O))``.
     Summing the results of every span a query visits gives the exact gradient. ``dk``, ``dv`` are
-    ``(B, Hkv, n, ·)``: grouped-query heads are reduced. Rows with ``lse = -inf`` get zero gradient."""
+    ``(B, Hkv, n, ·)``: grouped-query heads are reduced. Rows with ``lse = -inf`` get zero gradient.
+
+    float16/bfloat16 inputs (fused kernel): PyTorch's CPU kernel adds each block of 32, 64 or (from
+    768 rows on) 256 query rows of every query head into ``dK``/``dV`` in the low dtype, rounding each
+    time: ``G · m / 256`` roundings with ``G`` query heads per key head (``G · m / 64`` below 768 rows),
+    which breaks the half-precision tolerance rule (2x the error of the formula computed in bf16) with
+    grouped heads at any length and without them from a few thousand rows on. Here each call sees at
+    most :data:`BWD_ROWS` rows (4 roundings) and one query head per key head (K/V repeated over the
+    group), and the calls' results are added, and the group reduced, in float32: gradients in float32
+    where more than one call or head was summed, else as the kernel gives them (callers accumulate in
+    float32)."""
     lse = _finite_or_zero(lse)
     if fused_ok(q):
-        assert FLASH_BWD is not None
-        D, Dv = q.shape[-1], v.shape[-1]
-        qp, kp, vp = _pad_dv(q, k, v)
-        if D < Dv or Dv < D:
-            width = qp.shape[-1]
-            dop, op = F.pad(dout, (0, width - Dv)), F.pad(out, (0, width - Dv))
-        else:
-            dop, op = dout, out
-        add = None if mask is None else _additive(mask, q.dtype)
-        dq, dk, dv = FLASH_BWD(
-            dop.contiguous(), qp, kp, vp, op.contiguous(), lse.contiguous(), 0.0, causal, attn_mask=add, scale=scale
-        )
-        return dq[..., :D], dk[..., :D], dv[..., :Dv]
+        if q.dtype in HALF:
+            return _half_backward(dout, q, k, v, out, lse, scale, mask, causal)
+        return _fused_backward(dout, q, k, v, out, lse, scale, mask, causal)
     B, H, m, _ = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -274,3 +348,220 @@ def span_backward(
     dq = weighted_values(ds, k)
     dk = (ds.transpose(-1, -2).reshape(B, Hkv, G, -1, m) @ q.reshape(B, Hkv, G, m, -1)).sum(2)
     return dq, dk, dv
+
+
+def _fused_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One call of the fused backward (gradients in the inputs' dtype)."""
+    assert FLASH_BWD is not None
+    D, Dv = q.shape[-1], v.shape[-1]
+    qp, kp, vp = _pad_dv(q, k, v)
+    if D < Dv or Dv < D:
+        width = qp.shape[-1]
+        dop, op = F.pad(dout, (0, width - Dv)), F.pad(out, (0, width - Dv))
+    else:
+        dop, op = dout, out
+    add = None if mask is None else _additive(mask, q.dtype)
+    # slices of longer rows are fine as they are: the kernel reads by strides (and copies dout itself)
+    dq, dk, dv = FLASH_BWD(dop, qp, kp, vp, op, lse, 0.0, causal, attn_mask=add, scale=scale)
+    return dq[..., :D], dk[..., :D], dv[..., :Dv]
+
+
+def _half_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`span_backward` in float16/bfloat16 on the fused kernel (see there)."""
+    B, H, m, _ = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+    # rows [a, b) see all keys; under the top-left causal flag, keys [0, a) whole and [a, b) as a triangle
+    calls: list[tuple[int, int, int, int, bool]] = []
+    for a in range(0, m, BWD_ROWS):
+        b = min(a + BWD_ROWS, m)
+        parts = [(0, min(a, n), False), (a, min(b, n), True)] if causal else [(0, n, False)]
+        calls += [(a, b, k0, k1, tri) for k0, k1, tri in parts if k1 > k0]
+
+    def call(a: int, b: int, k0: int, k1: int, tri: bool) -> tuple[Tensor, Tensor, Tensor]:
+        mk = None
+        if mask is not None:
+            mk = mask if mask.shape[-2] == 1 else mask[..., a:b, :]
+            mk = mk if mk.shape[-1] == 1 else mk[..., k0:k1]
+        rows = slice(a, b)
+        return _fused_backward(
+            dout[:, :, rows],
+            q[:, :, rows],
+            k[:, :, k0:k1],
+            v[:, :, k0:k1],
+            out[:, :, rows],
+            lse[:, :, rows],
+            scale,
+            mk,
+            tri,
+        )
+
+    f32 = torch.float32
+    if len(calls) == 1 and calls[0][2:4] == (0, n):
+        dq, dk, dv = call(*calls[0])
+    elif not calls:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    else:
+        dk = torch.zeros(k.shape, dtype=f32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=f32, device=q.device)
+        dqs: dict[int, Tensor] = {}
+        for a, b, k0, k1, tri in calls:
+            gq, gk, gv = call(a, b, k0, k1, tri)
+            dqs[a] = gq.float() if a not in dqs else dqs[a] + gq
+            dk[:, :, k0:k1] += gk
+            dv[:, :, k0:k1] += gv
+        row_starts = range(0, m, BWD_ROWS)
+        dq = torch.cat(
+            [dqs[a] if a in dqs else q.new_zeros(B, H, min(BWD_ROWS, m - a), q.shape[-1]) for a in row_starts], 2
+        )
+    if G > 1:
+        dk = dk.view(B, Hkv, G, n, -1).sum(2, dtype=f32)
+        dv = dv.view(B, Hkv, G, n, -1).sum(2, dtype=f32)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# a band of a causal sliding window in one call
+
+
+def _band_mask(rows: int, span: int, lo: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive ``(rows, span)``: 0 where ``r + lo <= c <= r + span - rows``, else ``-inf``."""
+    r = torch.arange(rows, device=device).view(-1, 1)
+    c = torch.arange(span, device=device).view(1, -1)
+    ok = (c >= r + lo) & (c <= r + span - rows)
+    return torch.zeros(rows, span, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+
+
+def _band_views(x: Tensor, start: int, tiles: int, rows: int, length: int) -> Tensor:
+    """``x (B, h, L, d)`` (contiguous) as ``(tiles, B*h, length, d)``: entry ``i`` is rows
+    ``[start + i*rows, start + i*rows + length)`` of every head (overlapping when ``length > rows``)."""
+    B, h, L, d = x.shape
+    return x.as_strided((tiles, B * h, length, d), (rows * d, L * d, d, 1), x.storage_offset() + start * d)
+
+
+def _band_lse(lse: Tensor, start: int, tiles: int, rows: int) -> Tensor:
+    B, H, L = lse.shape
+    return lse.as_strided((tiles, B * H, rows), (rows, L, 1), lse.storage_offset() + start)
+
+
+def _unband(x: Tensor, B: int, H: int) -> Tensor:
+    """``(tiles, B*H, rows, ...)`` back to ``(B, H, tiles*rows, ...)``."""
+    n, _, rows = x.shape[:3]
+    x = x.reshape(n, B, H, rows, *x.shape[3:]).movedim(0, 2)
+    return x.reshape(B, H, n * rows, *x.shape[4:])
+
+
+def band_forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, q0: int, q1: int, rows: int, window: int, reach: int, offset: int
+) -> tuple[Tensor, Tensor]:
+    """Queries ``[q0, q1)`` of ``q (B, H, Lq, D)`` under a causal sliding ``window`` (query at position
+    ``p = i + offset`` sees keys ``p - window <= j <= p``) in one call of the fused CPU kernel: the rows in
+    tiles of ``rows`` as batch entries, each over the ``reach + rows`` keys ending at its last position
+    (``reach >= window``, a multiple of ``rows``; ``q0 + offset >= reach``), with one shared additive mask.
+    See :class:`~qkv.backends.plan.Band`.
+
+    Returns:
+        ``out (B, H, q1 - q0, Dv)`` in the inputs' dtype and ``lse (B, H, q1 - q0)`` (float32 for half
+        precision)."""
+    assert FLASH is not None
+    B, H = q.shape[:2]
+    Dv = v.shape[-1]
+    n, span = (q1 - q0) // rows, reach + rows
+    qp, kp, vp = (t.contiguous() for t in _pad_dv(q, k, v))
+    qb = _band_views(qp, q0, n, rows, rows)
+    kb, vb = (_band_views(t, q0 + offset - reach, n, rows, span) for t in (kp, vp))
+    add = _band_mask(rows, span, reach - window, q.dtype, q.device)
+    out, lse = FLASH(qb, kb, vb, 0.0, False, attn_mask=add, scale=scale)
+    return _unband(out, B, H)[..., :Dv], _unband(lse, B, H)
+
+
+def band_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    q0: int,
+    q1: int,
+    rows: int,
+    window: int,
+    reach: int,
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Gradients of :func:`band_forward`'s queries, given the whole ``dout``, ``out (B, H, Lq, Dv)`` and
+    ``lse (B, H, Lq)`` (final: these rows see no other keys).
+
+    Returns:
+        ``dq (B, H, q1 - q0, D)`` and ``dk``, ``dv (B, Hkv, q1 - q0 + reach, ·)`` for keys from
+        ``k0 = q0 + offset - reach`` on, and ``k0``; gradients in float32 for half precision (each
+        key's share from the tiles whose spans overlap it added in float32, grouped heads reduced in
+        float32, as :func:`span_backward` does), else in the inputs' dtype."""
+    assert FLASH_BWD is not None
+    B, H = q.shape[:2]
+    Hkv = k.shape[1]
+    G = H // Hkv
+    D, Dv = q.shape[-1], v.shape[-1]
+    n, span = (q1 - q0) // rows, reach + rows
+    half = q.dtype in HALF
+    if half and G > 1:  # one head per key head, so the kernel adds no group into a low-precision row
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    qp, kp, vp = (t.contiguous() for t in _pad_dv(q, k, v))
+    width = qp.shape[-1]
+    dop, op = (F.pad(t, (0, width - Dv)) if width != Dv else t for t in (dout, out))
+    dop, op, lse = dop.contiguous(), op.contiguous(), _finite_or_zero(lse).contiguous()
+    k0 = q0 + offset - reach
+    add = _band_mask(rows, span, reach - window, q.dtype, q.device)
+    dqb, dkb, dvb = FLASH_BWD(
+        _band_views(dop, q0, n, rows, rows),
+        _band_views(qp, q0, n, rows, rows),
+        _band_views(kp, k0, n, rows, span),
+        _band_views(vp, k0, n, rows, span),
+        _band_views(op, q0, n, rows, rows),
+        _band_lse(lse, q0, n, rows),
+        0.0,
+        False,
+        attn_mask=add,
+        scale=scale,
+    )
+    acc_dt = torch.float32 if half else q.dtype
+    hk = kp.shape[1]
+    m = reach // rows
+    grads = []
+    for g in (dkb, dvb):  # fold: tile i's key block c is key block i + c of the run from k0
+        g = g.reshape(n, B * hk, m + 1, rows, width)
+        acc = torch.zeros(B * hk, n + m, rows, width, dtype=acc_dt, device=q.device)
+        for c in range(m + 1):
+            acc[:, c : c + n] += g[:, :, c].transpose(0, 1)
+        acc = acc.view(B, hk, (n + m) * rows, width)
+        if hk != Hkv:
+            acc = acc.view(B, Hkv, G, (n + m) * rows, width).sum(2)
+        grads.append(acc)
+    dq = _unband(dqb, B, H)[..., :D]
+    return (dq.float() if half else dq), grads[0][..., :D], grads[1][..., :Dv], k0
