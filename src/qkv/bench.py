@@ -118,10 +118,10 @@ def peak_memory(fn: Callable[[], Any]) -> float | None:
         return None
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, target_s: float = 0.05, max_n: int = 2048) -> float:
-    """This machine's matmul rate in ``dtype`` (FLOP/s): the best of 3 square matmuls, sized to take
-    about ``target_s`` each (at most ``max_n``³; a dtype with no fast matmul here, such as float16 on
-    a CPU without AVX512-FP16, stays small)."""
+def matmul_peak(dtype: torch.dtype = torch.float32, slow_s: float = 0.05, max_n: int = 2048) -> float:
+    """This machine's matmul rate in ``dtype`` (FLOP/s): the best of 3 square matmuls of ``max_n``, or of
+    the first size (from 256, doubling) whose matmul takes over ``slow_s`` (a dtype with no fast matmul
+    here, such as float16 on a CPU without AVX512-FP16, stops small)."""
     n = 256
     while True:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -131,7 +131,7 @@ def matmul_peak(dtype: torch.dtype = torch.float32, target_s: float = 0.05, max_
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
-        if n >= max_n or best * 8 > target_s:
+        if n >= max_n or best > slow_s:
             return 2.0 * n**3 / best
         n *= 2
 

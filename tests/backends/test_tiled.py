@@ -344,3 +344,15 @@ def test_a_causal_window_band_is_one_call(monkeypatch):
         # the band, then the segments of the one tile after it, forward and backward (the oracle makes none)
         names = [n for n, _ in seen]
         assert names.count("FLASH") == names.count("FLASH_BWD") == plan.fused_calls == 4
+
+
+def test_a_wide_window_band_takes_wider_rows_and_its_backward_groups_tiles(monkeypatch):
+    """Wider windows get wider band rows (at most 1.25x the keys needed); the backward, whose kernel
+    holds each tile's whole span, runs in groups of tiles (here one per call) and still sums exactly."""
+    mask = M.causal() & M.sliding_window(600)
+    plan = T.tile_plan(mask, Shape(1, 2, 2048, 2048), T.BLOCK_Q, T.BLOCK_K)
+    assert plan.band is not None and plan.band.rows == 128 and plan.band.reach == 640
+    monkeypatch.setattr(K, "BAND_BWD_BYTES", 1)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 2048, 8, dtype=torch.float64) for _ in range(3))
+    check_backend("tiled", q, k, v, mask=mask)

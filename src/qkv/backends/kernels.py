@@ -76,7 +76,7 @@ FUSED_CAUSAL_SHARE = 0.55
 """The share of a dense call's time that a square ``is_causal`` call takes (it skips in 64-row steps)."""
 FUSED_CALL_S = 20e-6
 """Fixed seconds per call (dispatch, slicing, allocation)."""
-CAST_S = 4e-9
+CAST_S = 1e-9
 """Seconds per element cast between half precision and float32."""
 
 
@@ -85,6 +85,8 @@ HALF = (torch.float16, torch.bfloat16)
 
 BWD_ROWS = 1024
 """Query rows per call of the fused backward in half precision (see :func:`span_backward`)."""
+BAND_BWD_BYTES = 16 << 20
+"""Bytes of the kernel's per-tile ``dK`` of one call of :func:`band_backward` (its tiles are grouped)."""
 
 HALF_MIN_SPEED = 0.75
 """Half-precision inputs go to the fused kernel as they are unless it runs slower than this fraction of
@@ -514,15 +516,16 @@ def band_backward(
     window: int,
     reach: int,
     offset: int,
-) -> tuple[Tensor, Tensor, Tensor, int]:
+    grads: tuple[Tensor, Tensor, Tensor],
+) -> None:
     """Gradients of :func:`band_forward`'s queries, given the whole ``dout``, ``out (B, H, Lq, Dv)`` and
-    ``lse (B, H, Lq)`` (final: these rows see no other keys).
+    ``lse (B, H, Lq)`` (final: these rows see no other keys), added into ``grads = (dq, dk, dv)``, shaped
+    like ``q``, ``k``, ``v`` and in float32 for half precision (else in their dtype).
 
-    Returns:
-        ``dq (B, H, q1 - q0, D)`` and ``dk``, ``dv (B, Hkv, q1 - q0 + reach, ·)`` for keys from
-        ``k0 = q0 + offset - reach`` on, and ``k0``; gradients in float32 for half precision (each
-        key's share from the tiles whose spans overlap it added in float32, grouped heads reduced in
-        float32, as :func:`span_backward` does), else in the inputs' dtype."""
+    The kernel's ``dK``/``dV`` hold every tile's whole span (``span / rows`` times the size of K), so the
+    tiles go in groups of at most :data:`BAND_BWD_BYTES` of them per call; each key's shares from the
+    tiles whose spans overlap it are added in float32 (grouped heads: K/V repeated per query head and
+    the group reduced in float32, as :func:`span_backward` does)."""
     assert FLASH_BWD is not None
     B, H = q.shape[:2]
     Hkv = k.shape[1]
@@ -538,30 +541,43 @@ def band_backward(
     dop, op, lse = dop.contiguous(), op.contiguous(), _finite_or_zero(lse).contiguous()
     k0 = q0 + offset - reach
     add = _band_mask(rows, span, reach - window, q.dtype, q.device)
-    dqb, dkb, dvb = FLASH_BWD(
-        _band_views(dop, q0, n, rows, rows),
-        _band_views(qp, q0, n, rows, rows),
-        _band_views(kp, k0, n, rows, span),
-        _band_views(vp, k0, n, rows, span),
-        _band_views(op, q0, n, rows, rows),
-        _band_lse(lse, q0, n, rows),
-        0.0,
-        False,
-        attn_mask=add,
-        scale=scale,
-    )
-    acc_dt = torch.float32 if half else q.dtype
     hk = kp.shape[1]
     m = reach // rows
-    grads = []
-    for g in (dkb, dvb):  # fold: tile i's key block c is key block i + c of the run from k0
-        g = g.reshape(n, B * hk, m + 1, rows, width)
-        acc = torch.zeros(B * hk, n + m, rows, width, dtype=acc_dt, device=q.device)
-        for c in range(m + 1):
-            acc[:, c : c + n] += g[:, :, c].transpose(0, 1)
+    keys = slice(k0, k0 + (n + m) * rows)
+    dq_acc, dk_acc, dv_acc = grads
+    # fold targets (B * hk, n + m, rows, width): views of dk, dv where their layout allows, else buffers
+    inplace = [hk == Hkv and width == d and dst.is_contiguous() for dst, d in ((dk_acc, D), (dv_acc, Dv))]
+    accs = [
+        dst[:, :, keys].view(B * hk, n + m, rows, width)
+        if ok
+        else torch.zeros(B * hk, n + m, rows, width, dtype=dst.dtype, device=q.device)
+        for dst, ok in zip((dk_acc, dv_acc), inplace)
+    ]
+    group = max(1, BAND_BWD_BYTES // (B * hk * span * width * q.element_size()))
+    for i0 in range(0, n, group):
+        g = min(group, n - i0)
+        a = q0 + i0 * rows
+        dqb, dkb, dvb = FLASH_BWD(
+            _band_views(dop, a, g, rows, rows),
+            _band_views(qp, a, g, rows, rows),
+            _band_views(kp, k0 + i0 * rows, g, rows, span),
+            _band_views(vp, k0 + i0 * rows, g, rows, span),
+            _band_views(op, a, g, rows, rows),
+            _band_lse(lse, a, g, rows),
+            0.0,
+            False,
+            attn_mask=add,
+            scale=scale,
+        )
+        dq_acc[:, :, a : a + g * rows] += _unband(dqb, B, H)[..., :D]
+        for acc, gk in zip(accs, (dkb, dvb)):  # tile i's key block c is block i + c of the run from k0
+            gk = gk.reshape(g, B * hk, m + 1, rows, width)
+            for c in range(m + 1):
+                acc[:, i0 + c : i0 + c + g] += gk[:, :, c].transpose(0, 1)
+    for dst, acc, d, ok in zip((dk_acc, dv_acc), accs, (D, Dv), inplace):
+        if ok:
+            continue
         acc = acc.view(B, hk, (n + m) * rows, width)
         if hk != Hkv:
             acc = acc.view(B, Hkv, G, (n + m) * rows, width).sum(2)
-        grads.append(acc)
-    dq = _unband(dqb, B, H)[..., :D]
-    return (dq.float() if half else dq), grads[0][..., :D], grads[1][..., :Dv], k0
+        dst[:, :, keys] += acc[..., :d]

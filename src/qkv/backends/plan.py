@@ -32,7 +32,7 @@ MERGE_FULL = 4
 """A run of at most this many full key blocks next to partial ones is computed with them in one call."""
 
 BAND_ROWS = 64
-"""Query rows per batch entry of a :class:`Band` (0: no bands)."""
+"""Query rows per batch entry of a :class:`Band`, at least (0: no bands)."""
 
 
 class PlanCache:
@@ -325,10 +325,15 @@ def plan_tiles(mask: Mask | None, shape: Shape, block_q: int, block_k: int, code
 
 def _band(reach: int | None, shape: Shape, block_q: int) -> Band | None:
     """The :class:`Band` of a causal window ``reach`` keys wide: the whole query tiles from the first whose
-    span starts at key 0 or later to the last full one (None when fewer than two tiles qualify)."""
+    span starts at key 0 or later to the last full one (None when fewer than two tiles qualify). Its
+    rows: :data:`BAND_ROWS` doubled while at most a quarter of the window and a divisor of ``block_q``
+    (each tile then computes at most 1.25x the keys it needs, and its span is at most 5x its rows, for
+    windows of 4 rows or more)."""
     rows = BAND_ROWS
     if reach is None or reach >= 1 << 62 or rows < 1 or block_q % rows:
         return None
+    while 2 * rows <= reach // 4 and block_q % (2 * rows) == 0:
+        rows *= 2
     wide = -(-reach // rows) * rows
     q0 = max(0, -(-(wide - shape.offset) // block_q) * block_q)
     q1 = shape.Lq // block_q * block_q

@@ -113,10 +113,11 @@ class SDPA(Backend):
         return s
 
     def describe(self, req: Request) -> str:
+        up = "; in float32 (half-precision training on the CPU)" if upcasts(req) else ""
         if not _dense(req):
             what = "no mask" if req.mask is None else "square causal (is_causal)"
-            return f"PyTorch's fused kernel, {what}, nothing to skip"
-        return "PyTorch's fused kernel with a dense mask/bias (Lq x Lk per batch row)"
+            return f"PyTorch's fused kernel, {what}, nothing to skip{up}"
+        return f"PyTorch's fused kernel with a dense mask/bias (Lq x Lk per batch row){up}"
 
     def run(self, req: Request, plan: Any = None) -> Tensor:
         q, k, v = req.q, req.k, req.v

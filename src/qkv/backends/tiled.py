@@ -169,12 +169,8 @@ class _FusedTiled(torch.autograd.Function):
         dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
         b = plan.band
         if b is not None:
-            gq, gk, gv, k0 = band_backward(
-                dout, q, k, v, out, lse, scale, b.q0, b.q1, b.rows, b.window, b.reach, plan.shape.offset
-            )
-            dq[:, :, b.q0 : b.q1] += gq
-            dk[:, :, k0 : k0 + gk.shape[2]] += gk
-            dv[:, :, k0 : k0 + gv.shape[2]] += gv
+            off = plan.shape.offset
+            band_backward(dout, q, k, v, out, lse, scale, b.q0, b.q1, b.rows, b.window, b.reach, off, (dq, dk, dv))
         for t in plan.tiles:
             if plan.in_band(t):
                 continue
@@ -413,7 +409,14 @@ class Tiled(Backend):
 
     def describe(self, req: Request) -> str:
         plan = self.plan(req)
-        engine = "fused CPU flash kernel" if self.fused(req) else "eager engine"
+        fused = self.fused(req)
+        engine = "fused CPU flash kernel" if fused else "eager engine"
+        if req.dtype in HALF:
+            dt = compute_dtype(req.dtype, fused=fused)
+            name = str(req.dtype).removeprefix("torch.")
+            engine += f" in {name}" if dt == req.dtype else f" in float32 ({name} is slower here)" if fused else ""
+        if fused and plan.band is not None and not plan.single:
+            engine += f", the window's band in one call of {plan.band.tiles} tiles"
         if req.mask is None or plan.single:
             what = "one call" if plan.single else f"{len(plan.tiles)} query tiles"
         else:
