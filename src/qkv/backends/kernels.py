@@ -479,7 +479,17 @@ def _unband(x: Tensor, B: int, H: int) -> Tensor:
 
 
 def band_forward(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, q0: int, q1: int, rows: int, window: int, reach: int, offset: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    q0: int,
+    q1: int,
+    rows: int,
+    window: int,
+    reach: int,
+    offset: int,
+    into: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Queries ``[q0, q1)`` of ``q (B, H, Lq, D)`` under a causal sliding ``window`` (query at position
     ``p = i + offset`` sees keys ``p - window <= j <= p``) in one call of the fused CPU kernel: the rows in
@@ -489,7 +499,8 @@ def band_forward(
 
     Returns:
         ``out (B, H, q1 - q0, Dv)`` in the inputs' dtype and ``lse (B, H, q1 - q0)`` (float32 for half
-        precision)."""
+        precision), written into rows ``[q0, q1)`` of ``into = (out, lse)`` (whole-length, contiguous)
+        when given (and then views of them returned)."""
     assert FLASH is not None
     B, H = q.shape[:2]
     Dv = v.shape[-1]
@@ -499,7 +510,13 @@ def band_forward(
     kb, vb = (_band_views(t, q0 + offset - reach, n, rows, span) for t in (kp, vp))
     add = _band_mask(rows, span, reach - window, q.dtype, q.device)
     out, lse = FLASH(qb, kb, vb, 0.0, False, attn_mask=add, scale=scale)
-    return _unband(out, B, H)[..., :Dv], _unband(lse, B, H)
+    if into is None:
+        return _unband(out, B, H)[..., :Dv], _unband(lse, B, H)
+    o_all, l_all = into
+    o_dst, l_dst = o_all[:, :, q0:q1], l_all[:, :, q0:q1]
+    o_dst.view(B, H, n, rows, Dv).copy_(out[..., :Dv].reshape(n, B, H, rows, Dv).movedim(0, 2))
+    l_dst.view(B, H, n, rows).copy_(lse.reshape(n, B, H, rows).movedim(0, 2))
+    return o_dst, l_dst
 
 
 def band_backward(

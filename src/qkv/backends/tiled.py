@@ -120,13 +120,11 @@ def _fused_forward(
         return span_forward(q, k, v, scale, causal=plan.single == "causal")
     B, H, Lq = q.shape[:3]
     acc_dt = torch.float32 if q.dtype in HALF else q.dtype
-    out = q.new_zeros(B, H, Lq, v.shape[-1], dtype=acc_dt)
-    lse = q.new_full((B, H, Lq), float("-inf"), dtype=acc_dt)
+    out = q.new_empty(B, H, Lq, v.shape[-1])
+    lse = q.new_empty((B, H, Lq), dtype=acc_dt)
     b = plan.band
     if b is not None:
-        o, ls = band_forward(q, k, v, scale, b.q0, b.q1, b.rows, b.window, b.reach, plan.shape.offset)
-        out[:, :, b.q0 : b.q1] = o
-        lse[:, :, b.q0 : b.q1] = ls
+        band_forward(q, k, v, scale, b.q0, b.q1, b.rows, b.window, b.reach, plan.shape.offset, into=(out, lse))
     for t in plan.tiles:
         if plan.in_band(t):
             continue
@@ -136,10 +134,13 @@ def _fused_forward(
             ks, vs = k[:, :, seg.k0 : seg.k1], v[:, :, seg.k0 : seg.k1]
             part = _fused_segment(qt, ks, vs, scale, mask, plan.shape, t, seg)
             acc = part if acc is None else merge(acc[0].to(acc_dt), acc[1], part[0].to(acc_dt), part[1])
-        if acc is not None:
+        if acc is None:  # every row of the tile sees nothing
+            out[:, :, t.q0 : t.q1] = 0.0
+            lse[:, :, t.q0 : t.q1] = float("-inf")
+        else:
             out[:, :, t.q0 : t.q1] = acc[0]
             lse[:, :, t.q0 : t.q1] = acc[1]
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 class _FusedTiled(torch.autograd.Function):
