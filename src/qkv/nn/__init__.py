@@ -14,6 +14,7 @@ from .cache import (
     StaticKVCache,
     at_positions,
 )
+from .differential import DifferentialAttention
 from .linear_attention import LinearSelfAttention
 from .linformer import LinformerSelfAttention
 from .positional import (
@@ -33,6 +34,7 @@ __all__ = [
     "AttentionModule",
     "BackendSwitch",
     "DecoderBlock",
+    "DifferentialAttention",
     "EncoderBlock",
     "FeedForward",
     "FixedKVCache",
