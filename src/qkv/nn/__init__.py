@@ -15,6 +15,7 @@ from .cache import (
     at_positions,
 )
 from .differential import DifferentialAttention
+from .latent import LatentAttention, LatentKVCache
 from .linear_attention import LinearSelfAttention
 from .linformer import LinformerSelfAttention
 from .positional import (
@@ -41,6 +42,8 @@ __all__ = [
     "GrowingKVCache",
     "HybridStack",
     "KVCache",
+    "LatentAttention",
+    "LatentKVCache",
     "LearnedPositionalEmbedding",
     "LinearSelfAttention",
     "LinformerSelfAttention",
