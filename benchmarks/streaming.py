@@ -115,11 +115,12 @@ def plot(curves: dict[str, Tensor], path: str, smooth: int, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    for name, bits in curves.items():
+    for i, (name, bits) in enumerate(curves.items()):
         m = bits.mean(0)
         k = torch.ones(1, 1, smooth) / smooth
         sm = torch.nn.functional.conv1d(m.view(1, 1, -1), k).view(-1)
-        ax.plot(torch.arange(sm.numel()) + smooth, sm.numpy(), label=name, lw=1.4)
+        style = {"ls": "--", "zorder": 5} if i == 0 else {}  # (a) dashed on top: (b) may lie under it
+        ax.plot(torch.arange(sm.numel()) + smooth, sm.numpy(), label=name, lw=1.4, **style)
     ax.axvline(CTX, color="gray", ls="--", lw=0.8)
     ax.text(CTX, ax.get_ylim()[1], " training context", va="top", fontsize=8, color="gray")
     ax.set_xlabel("position in the stream (bytes)")
