@@ -41,6 +41,10 @@ def test_inspect_writes_its_files_and_prints_the_strongest_heads(tmp_path, capsy
     for row in table:  # the PNG of each strongest head exists
         if row["name"] == best_sep["name"]:
             assert (out / f"head_{row['name']}.png").exists()
+    sr = summary["sink_rate"]  # Gu et al.'s rate, from the first-token column of the same weights
+    cls = torch.tensor([r["cls"] for r in table]).view(6, 12)
+    assert sr["of"] == 72 and sr["heads"] == int((cls > 0.3).sum()) and sr["rate"] == pytest.approx(sr["heads"] / 72)
+    assert f"sink rate {sr['rate']:.2f}: {sr['heads']} of 72 heads" in printed
     html = (out / "viewer.html").read_text()
     assert "http://" not in html.replace("http://www.w3.org", "") and "L0H0" in html
 

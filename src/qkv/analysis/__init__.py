@@ -25,6 +25,8 @@ from .measures import (
     mean_distance,
     offset_mass,
     punctuation_positions,
+    sink_rate,
+    sink_scores,
     special_positions,
     strongest_heads,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "mean_distance",
     "offset_mass",
     "punctuation_positions",
+    "sink_rate",
+    "sink_scores",
     "special_positions",
     "strongest_heads",
     "downsample_max",

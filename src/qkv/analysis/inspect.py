@@ -6,11 +6,11 @@ Writes to the output folder:
 - ``grid.png``: a layer x head grid of heatmaps; ``rollout.png``: attention rollout (Abnar and Zuidema 2020);
   ``head_L{l}H{h}.png``: the strongest head of each pattern;
 - ``heads.csv`` and ``heads.json``: one row of measures per head (:func:`qkv.analysis.measures.head_table`);
-- ``summary.json``: the tokens, the strongest head per pattern, collapse diagnostics across layers and a
-  2-D map of the heads (MDS of their Jensen-Shannon distances).
+- ``summary.json``: the tokens, the strongest head per pattern, the attention-sink rate (Gu et al. 2025),
+  collapse diagnostics across layers and a 2-D map of the heads (MDS of their Jensen-Shannon distances).
 
 and prints the strongest head for each pattern, for example ``L3H11 -> [SEP] 0.62`` (layers and heads count
-from 0).
+from 0), and the sink rate: the share of heads whose mean attention to the first token exceeds 0.3.
 """
 
 from __future__ import annotations
@@ -28,7 +28,17 @@ import torch
 
 from ..models.bert import BertEncoder, minilm
 from .capture import capture
-from .measures import TABLE_COLUMNS, attention_rollout, collapse, head_distances, head_table, mds, strongest_heads
+from .measures import (
+    TABLE_COLUMNS,
+    attention_rollout,
+    collapse,
+    head_distances,
+    head_table,
+    mds,
+    sink_rate,
+    sink_scores,
+    strongest_heads,
+)
 from .render import plot_grid, plot_head
 from .viewer import write_viewer
 
@@ -108,6 +118,11 @@ def run_inspect(text: str, model: str = "minilm", out: str | os.PathLike[str] = 
             print(f"  {r['name']:>6} -> {what}, entropy {r[col]:.2f} nats (uniform: {summary['uniform_entropy']:.2f})")
         else:
             print(f"  {r['name']:>6} -> {what} {r[col]:.2f}")
+    sr = summary["sink_rate"]
+    print(
+        f"  sink rate {sr['rate']:.2f}: {sr['heads']} of {sr['of']} heads put more than {sr['threshold']} of their"
+        f" attention on the first token {tokens[0]} (Gu et al. 2025)"
+    )
     print(f"wrote {', '.join(sorted(written + ['heads.csv', 'heads.json', 'summary.json']))} to {outdir}")
     return 0
 
@@ -132,8 +147,24 @@ def _summary(
         "tokens": tokens,
         "uniform_entropy": math.log(len(tokens)),
         "strongest": {c: {"head": r["name"], "value": r[c]} for c, r in best.items()},
+        "sink_rate": _sinks(maps),
         "collapse": collapse(maps, hidden_states=hs),
         "head_map": [{"name": r["name"], "x": xy[0], "y": xy[1]} for r, xy in zip(table, coords)],
+    }
+
+
+SINK_THRESHOLD = 0.3
+"""Gu et al.'s epsilon: a head is a sink head when its mean weight on the first token exceeds it."""
+
+
+def _sinks(maps: Any) -> dict[str, Any]:
+    a = sink_scores(maps)
+    return {
+        "rate": sink_rate(maps, SINK_THRESHOLD),
+        "threshold": SINK_THRESHOLD,
+        "heads": int((a > SINK_THRESHOLD).sum()),
+        "of": a.numel(),
+        "first_token_mass": a.tolist(),
     }
 
 

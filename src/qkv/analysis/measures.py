@@ -9,7 +9,8 @@ at key position ``i + Lk - Lq`` (bottom-right, as in :func:`qkv.attention`).
 Across layers: :func:`head_distances` (Jensen-Shannon) and :func:`mds` (a 2-D map of all heads),
 :func:`attention_rollout` and :func:`attention_flow` (Abnar and Zuidema 2020), :func:`collapse` (entropy and
 rank collapse), :func:`head_importance` and :func:`head_ablation` (Michel et al. 2019), and
-:func:`head_table`, one row of measures per head.
+:func:`head_table`, one row of measures per head; :func:`sink_rate` (Gu et al. 2025), the share of heads
+that park their attention on the first token.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ __all__ = [
     "offset_mass",
     "punctuation_positions",
     "rank1_residual",
+    "sink_rate",
+    "sink_scores",
     "special_positions",
     "strongest_heads",
 ]
@@ -515,6 +518,41 @@ def head_ablation(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
                 out[i, h] = float(loss_fn(model, batch)) - base
                 xi[i, h] = 1.0
     return out
+
+
+def sink_scores(maps: AttentionMaps | Sequence[Tensor] | Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean attention each head pays to the first token, ``(layers, H)`` float64: Gu et al.'s
+    ``alpha_1^{l,h}``, the weight ``A[i, 0]`` averaged over the batch rows and the valid queries ``i``
+    (every query may see the first token, causal or not). ``valid`` defaults to ``maps.attention_mask``."""
+    if valid is None:
+        valid = getattr(maps, "attention_mask", None)
+    layers = _as_layers(maps)
+    rows = [mass_on(w, [0], valid) for w in layers]
+    if len({r.shape[0] for r in rows}) != 1:
+        raise ValueError(f"sink_scores: every layer must have the same heads, got {[r.shape[0] for r in rows]}")
+    return torch.stack(rows)
+
+
+def sink_rate(
+    maps: AttentionMaps | Sequence[Tensor] | Tensor, threshold: float = 0.3, valid: Tensor | None = None
+) -> float:
+    """The attention-sink rate of Gu et al. (ICLR 2025, "When Attention Sink Emerges in Language Models"):
+    the fraction of (layer, head) pairs whose mean attention to the first token exceeds ``threshold``
+    (their epsilon, 0.3): ``(1 / L H) sum_{l,h} 1[alpha_1^{l,h} > threshold]`` with ``alpha`` from
+    :func:`sink_scores`.
+
+    Args:
+        maps: :class:`AttentionMaps`, a list of layers ``(B, H, Lq, Lk)`` or a stacked
+            ``(layers, B, H, Lq, Lk)`` tensor.
+        threshold: in ``[0, 1)``; a head counts when its mean weight on the first token is strictly above.
+        valid: ``(B, Lq)`` real queries (default ``maps.attention_mask``).
+
+    Returns:
+        A float in ``[0, 1]``."""
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"sink_rate: threshold must be in [0, 1), got {threshold}")
+    a = sink_scores(maps, valid)
+    return float((a > threshold).double().mean())
 
 
 TABLE_COLUMNS = ("entropy", "distance", "cls", "sep", "punct", "self", "prev", "next")

@@ -15,7 +15,9 @@ Two engines compute a span:
 * **eager** (any device, score mods): the same formulas written with matmuls, differentiable by
   autograd; ``mod`` changes the scores of the span before the softmax.
 
-The compute dtype rule (:func:`compute_dtype`) and the one safe softmax (:func:`safe_softmax`) live here.
+The compute dtype rule (:func:`compute_dtype`) and the one safe softmax (:func:`safe_softmax`) live here,
+and the attention-sink correction (:func:`sink_forward`, :func:`sink_backward`): a learned logit per head
+that joins the softmax denominator, applied to a finished ``(out, lse)`` with no extra key materialised.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ __all__ = [
     "merge",
     "merge_into",
     "safe_softmax",
+    "sink_backward",
+    "sink_forward",
     "span_backward",
     "span_forward",
 ]
@@ -274,3 +278,53 @@ def span_backward(
     dq = weighted_values(ds, k)
     dk = (ds.transpose(-1, -2).reshape(B, Hkv, G, -1, m) @ q.reshape(B, Hkv, G, m, -1)).sum(2)
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# attention sinks: one logit per query head in the softmax denominator (gpt-oss)
+
+
+def sink_forward(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Add a sink to a finished result: the softmax over ``[scores, s_h]`` with the sink's column dropped.
+
+    The sink is a key with logit ``s_h`` and a zero value vector, so it only enlarges the denominator:
+    ``lse' = logaddexp(lse, s_h)`` and ``out' = out * exp(lse - lse')``.
+
+    Args:
+        out: ``(B, H, L, Dv)`` attention output over all the keys (rows that saw no key: zeros).
+        lse: ``(B, H, L)`` its row logsumexp (``-inf`` for rows that saw no key).
+        sinks: ``(H,)`` one logit per query head, in the dtype of ``out`` (``-inf``: no sink).
+
+    Returns:
+        ``(out', lse')``. A row that saw no key gets ``out' = 0`` and ``lse' = s_h`` (its whole weight
+        is on the sink); with ``s_h = -inf`` as well, ``lse' = -inf``. Differentiable in ``out``,
+        ``lse`` and ``sinks`` (the eager engine uses autograd); the fused engine calls it without
+        autograd and takes its gradients from :func:`span_backward` and :func:`sink_backward`.
+    """
+    if sinks.shape != (out.shape[1],) or lse.shape != out.shape[:-1]:
+        raise ValueError(
+            f"sink_forward: out {tuple(out.shape)}, lse {tuple(lse.shape)} and sinks {tuple(sinks.shape)} must be"
+            " (B, H, L, Dv), (B, H, L) and (H,)"
+        )
+    s = sinks.view(1, -1, 1)
+    m = _finite_or_zero(torch.maximum(lse, s).detach())
+    e_out, e_sink = torch.exp(lse - m), torch.exp(s - m)
+    tot = e_out + e_sink
+    dead = tot == 0
+    safe = torch.where(dead, torch.ones_like(tot), tot)
+    new_lse = torch.where(dead, torch.full_like(tot, float("-inf")), m + torch.log(safe))
+    return out * (e_out / safe).unsqueeze(-1), new_lse
+
+
+def sink_backward(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """Gradient ``(H,)`` of the sink logits, given the FINAL output ``out (B, H, L, Dv)`` (after
+    :func:`sink_forward`), its gradient ``dout`` and the final logsumexp ``lse (B, H, L)``.
+
+    The sink is one more column of the softmax with a zero value, so ``dP_sink = 0`` and
+    ``dS_sink = P_sink (0 - rowsum(dO * O))``: ``ds_h = -sum over batch and rows of
+    exp(s_h - lse') * rowsum(dO' * O')``. The keys' gradients are :func:`span_backward`'s, given the
+    same final ``out`` and ``lse``."""
+    s = sinks.view(1, -1, 1)
+    p = torch.where(torch.isfinite(lse), torch.exp(s - _finite_or_zero(lse)), torch.zeros_like(lse))
+    delta = (dout * out).sum(-1)
+    return -(p * delta).sum(dim=(0, 2))

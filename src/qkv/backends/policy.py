@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import Backend, Request
+from .base import Backend, Request, unsupported
 from .registry import get, registered
 
 __all__ = ["Choice", "candidates", "choose", "resolve"]
@@ -51,7 +51,7 @@ def candidates(req: Request) -> tuple[dict[str, Backend], dict[str, str]]:
         if unknown:
             declined[name] = f"does not take the option(s) {', '.join(sorted(unknown))}"
             continue
-        why = b.supports(req)
+        why = unsupported(b, req) or b.supports(req)
         if why is not None:
             declined[name] = why
             continue
@@ -110,7 +110,7 @@ def resolve(req: Request, backend: str = "auto") -> tuple[Backend, Any]:
     unknown = set(req.options) - impl.options
     if unknown:
         raise TypeError(f"backend {backend!r} does not take the option(s) {', '.join(sorted(unknown))}")
-    why = impl.supports(req)
+    why = unsupported(impl, req) or impl.supports(req)
     if why is not None:
         try:
             alt = f"; backend {choose(req).backend!r} can"

@@ -1,5 +1,8 @@
 """``reference``: the formula as written, ``softmax(Q Kᵀ · scale + bias) V``; the oracle.
 
+With attention sinks the softmax runs over ``[scores, s_h]`` (one more column per row, the head's sink
+logit) and the sink's column is dropped before multiplying by ``V``.
+
 Builds the full ``(B, H, Lq, Lk)`` score matrix, so memory is ``O(Lq · Lk)``. Runs in float32 for
 half-precision inputs and in float64 for float64 inputs; returns the weights on request.
 """
@@ -49,7 +52,12 @@ def scores(req: Request, dtype: torch.dtype | None = None) -> Tensor:
 def reference_attention(req: Request, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Output ``(B, H, Lq, Dv)`` and weights ``(B, H, Lq, Lk)``, both in the compute dtype."""
     dt = dtype or compute_dtype(req.dtype)
-    w = safe_softmax(scores(req, dt))
+    s = scores(req, dt)
+    if req.sinks is None:
+        w = safe_softmax(s)
+    else:
+        sink = req.sinks.to(dt).view(1, -1, 1, 1).expand(req.B, req.H, req.Lq, 1)
+        w = safe_softmax(torch.cat((s, sink), dim=-1))[..., :-1]
     wd = torch.nn.functional.dropout(w, req.dropout_p) if req.dropout_p > 0 else w
     B, H, Hkv, G, Lq, Lk = req.B, req.H, req.Hkv, req.groups, req.Lq, req.Lk
     out = wd.reshape(B, Hkv, G, Lq, Lk) @ req.v.to(dt).unsqueeze(2)  # (B, Hkv, G, Lq, Dv)
@@ -58,6 +66,7 @@ def reference_attention(req: Request, dtype: torch.dtype | None = None) -> tuple
 
 class Reference(Backend):
     name = "reference"
+    takes_sinks = True
 
     def cost(self, req: Request) -> float:
         s = req.flops / FLOPS + req.B * req.H * req.Lq * req.Lk * PAIR_S + CALL_S

@@ -38,6 +38,12 @@ Options (keyword arguments of :func:`qkv.attention` with ``backend="tiled"`` or 
 * ``weights_rows`` (slice, sequence of int or 1-D integer tensor): with ``return_weights=True``,
   return the weights of these query rows only.
 
+Attention sinks (``sinks=``, one logit per query head in the softmax denominator) cost no extra key:
+the finished ``(out, lse)`` is corrected, ``lse' = logaddexp(lse, s_h)`` and ``out' = out * exp(lse -
+lse')`` (:func:`~qkv.backends.kernels.sink_forward`); the backward runs the same per-segment
+FlashAttention-2 backward given the final ``out'`` and ``lse'``, which is exact for ``q``, ``k`` and
+``v``, and :func:`~qkv.backends.kernels.sink_backward` gives the sinks' gradient.
+
 With ``return_weights=True`` the weights ``(B, len(heads), len(rows), Lk)`` are recomputed tile by
 tile from the saved logsumexp, so the weights of 2 heads of a 32k sequence cost ``2 · 32k · 32k``
 numbers, not ``H`` times that. Dropout is declined (``sdpa`` and ``reference`` apply it).
@@ -64,6 +70,8 @@ from .kernels import (
     compute_dtype,
     merge,
     safe_softmax,
+    sink_backward,
+    sink_forward,
     span_backward,
     span_forward,
 )
@@ -125,22 +133,34 @@ def _fused_forward(
 class _FusedTiled(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Mask | None, plan: TilePlan
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: float,
+        mask: Mask | None,
+        plan: TilePlan,
+        sinks: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         out, lse = _fused_forward(q, k, v, scale, mask, plan)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:  # the final output and logsumexp, from which the backward works
+            out, lse = sink_forward(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.scale, ctx.mask, ctx.plan = scale, mask, plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         scale, mask, plan = ctx.scale, ctx.mask, ctx.plan
         dout = dout.contiguous()
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[6]:
+            dsinks = sink_backward(dout, out, lse, sinks)
         if plan.single:
             dq, dk, dv = span_backward(dout, q, k, v, out, lse, scale, causal=plan.single == "causal")
-            return dq, dk, dv, None, None, None
+            return dq, dk, dv, None, None, None, dsinks
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for t in plan.tiles:
             sl = slice(t.q0, t.q1)
@@ -160,7 +180,7 @@ class _FusedTiled(torch.autograd.Function):
                 dq[:, :, sl] += gq
                 dk[:, :, ks] += gk
                 dv[:, :, ks] += gv
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, dsinks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,9 +223,9 @@ def _eager(s: Tensor) -> Tensor:
 
 
 def _eager_forward(
-    q: Tensor, k: Tensor, v: Tensor, req: Request, plan: TilePlan, dt: torch.dtype
+    q: Tensor, k: Tensor, v: Tensor, req: Request, plan: TilePlan, dt: torch.dtype, sinks: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v) + (() if sinks is None else (sinks,)))
     outs, lses = [], []
     for t in plan.tiles:
         qt = q[:, :, t.q0 : t.q1]
@@ -214,11 +234,13 @@ def _eager_forward(
         else:
             o, lse = _eager_tile(qt, k, v, req, t, dt)
         outs.append(o)
-        lses.append(lse.detach())
-    out = torch.cat(outs, dim=2)
+        lses.append(lse if sinks is not None else lse.detach())  # out' depends on lse through the sink
+    out, lse_all = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
     if grad and not out.requires_grad:  # every tile empty: keep the graph, gradients are zeros
         out = out + 0.0 * (q.sum() + k.sum() + v.sum())
-    return out, torch.cat(lses, dim=2)
+    if sinks is not None:  # differentiable by autograd here
+        out, lse_all = sink_forward(out, lse_all, sinks)
+    return out, lse_all.detach()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,9 +282,12 @@ def _heads_index(heads: Any, H: int) -> list[int]:
     return [x % H for x in heads]
 
 
-def _weights(req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, block_q: int) -> Tensor:
-    """Weights ``(B, len(heads), len(rows), Lk)`` recomputed from the row logsumexp, a chunk of rows
-    at a time; differentiable (a plain softmax over the chosen rows) when gradients are on."""
+def _weights(
+    req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, block_q: int, sinks: Tensor | None = None
+) -> Tensor:
+    """Weights ``(B, len(heads), len(rows), Lk)`` recomputed from the (final) row logsumexp, a chunk of
+    rows at a time; differentiable (a plain softmax over the chosen rows, with the sink's column when
+    there are sinks) when gradients are on."""
     heads = _heads_index(req.options.get("weights_heads"), req.H)
     rows = _rows_index(req.options.get("weights_rows"), req.Lq, q.device)
     shape = req.shape
@@ -273,7 +298,7 @@ def _weights(req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, b
     b = torch.arange(req.B, device=dev).view(-1, 1, 1, 1)
     h = hq.view(1, -1, 1, 1)
     ki = torch.arange(req.Lk, device=dev).view(1, 1, 1, -1)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or (sinks is not None and sinks.requires_grad))
     chunks = []
     for c0 in range(0, rows.numel(), block_q):
         r = rows[c0 : c0 + block_q]
@@ -287,7 +312,10 @@ def _weights(req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, b
             if not isinstance(allowed, Tensor):
                 allowed = torch.tensor(bool(allowed), device=dev)
             s = s.masked_fill(~allowed.to(torch.bool), float("-inf"))
-        if grad:
+        if grad and sinks is not None:
+            col = sinks[hq].view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+            w = safe_softmax(torch.cat((s, col), dim=-1))[..., :-1]
+        elif grad:
             w = safe_softmax(s)
         else:
             ls = lse[:, hq][:, :, r].unsqueeze(-1)
@@ -311,6 +339,8 @@ MERGE_S = 4e-9
 """Seconds per output element of a logsumexp merge, and per element cast from half precision."""
 RUN_S = 50e-6
 """Fixed seconds per call of the backend (plan lookup, the autograd function, casts)."""
+SINK_S = 1e-9
+"""Seconds per output element of the sink correction (``out * exp(lse - lse')``; measured 0.7-0.8 ns)."""
 
 
 def _block(req: Request, name: str, default: int) -> int:
@@ -325,6 +355,7 @@ class Tiled(Backend):
 
     name = "tiled"
     options = _OPTIONS
+    takes_sinks = True
 
     def supports(self, req: Request) -> str | None:
         if req.dropout_p > 0:
@@ -359,6 +390,8 @@ class Tiled(Backend):
         s += RUN_S
         if req.dtype in (torch.float16, torch.bfloat16):  # cast to float32 and back
             s += 2 * (req.q.numel() + req.k.numel() + req.v.numel()) * MERGE_S
+        if req.sinks is not None:  # the logsumexp correction of every output row
+            s += heads * req.Lq * req.Dv * SINK_S
         if req.requires_grad:
             s *= 3.0
         if req.return_weights:
@@ -385,13 +418,14 @@ class Tiled(Backend):
         plan = plan if isinstance(plan, TilePlan) else self.plan(req)
         dt = compute_dtype(req.dtype)
         q, k, v = req.q.to(dt), req.k.to(dt), req.v.to(dt)
+        sinks = None if req.sinks is None else req.sinks.to(dt)
         if self.fused(req):
-            out, lse = _FusedTiled.apply(q, k, v, req.scale, req.mask, plan)
+            out, lse = _FusedTiled.apply(q, k, v, req.scale, req.mask, plan, sinks)
         else:
-            out, lse = _eager_forward(q, k, v, req, plan, dt)
+            out, lse = _eager_forward(q, k, v, req, plan, dt, sinks)
         out = out.to(req.dtype)
         if req.return_weights:
-            return out, _weights(req, q, k, lse, dt, plan.block_q).to(req.dtype)
+            return out, _weights(req, q, k, lse, dt, plan.block_q, sinks).to(req.dtype)
         return out
 
 

@@ -5,7 +5,17 @@ from .additive import AdditiveAttention, LuongAttention
 from .attention import MultiHeadAttention, TorchMasks, masks_from_torch
 from .base import AttentionModule, BackendSwitch, capture_weights, set_backend
 from .blocks import DecoderBlock, EncoderBlock, FeedForward, TransformerBlock, make_norm
-from .cache import FixedKVCache, GrowingKVCache, KVCache, SlidingWindowKVCache, StaticKVCache, at_positions
+from .cache import (
+    FixedKVCache,
+    GrowingKVCache,
+    KVCache,
+    SinkKVCache,
+    SlidingWindowKVCache,
+    StaticKVCache,
+    at_positions,
+)
+from .differential import DifferentialAttention
+from .latent import LatentAttention, LatentKVCache
 from .linear_attention import LinearSelfAttention
 from .linformer import LinformerSelfAttention
 from .positional import (
@@ -25,12 +35,15 @@ __all__ = [
     "AttentionModule",
     "BackendSwitch",
     "DecoderBlock",
+    "DifferentialAttention",
     "EncoderBlock",
     "FeedForward",
     "FixedKVCache",
     "GrowingKVCache",
     "HybridStack",
     "KVCache",
+    "LatentAttention",
+    "LatentKVCache",
     "LearnedPositionalEmbedding",
     "LinearSelfAttention",
     "LinformerSelfAttention",
@@ -38,6 +51,7 @@ __all__ = [
     "RotaryEmbedding",
     "SSMState",
     "SelectiveSSM",
+    "SinkKVCache",
     "SinusoidalPositionalEncoding",
     "SlidingWindowKVCache",
     "StaticKVCache",
