@@ -25,7 +25,7 @@ Two engines compute a segment:
   score mod holds (a learned relative bias).
 
 Grouped-query attention never repeats K/V (the fused kernel takes ``Hkv < H``; the eager engine views
-``q`` as ``(B, Hkv, G, L, D)``). ``Dv != D`` is served by zero-padding the shorter head dim (which
+``q`` as ``(B, Hkv, G·L, D)``). ``Dv != D`` is served by zero-padding the shorter head dim (which
 changes neither scores nor outputs). float16/bfloat16 inputs are computed in float32; float32 and
 float64 in their own dtype.
 
@@ -229,17 +229,18 @@ def _eager_span(
 
 
 def _scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """``q kᵀ · scale`` ``(B, H, tq, tk)`` with grouped-query heads sharing K (no copy)."""
+    """``q kᵀ · scale`` ``(B, H, tq, tk)`` with grouped-query heads sharing K (no copy: the query rows
+    of a group are stacked, ``(B, Hkv, G·tq, D)``)."""
     B, H, tq, D = q.shape
     Hkv = k.shape[1]
-    s = q.reshape(B, Hkv, H // Hkv, tq, D) @ k.unsqueeze(2).transpose(-1, -2)
+    s = q.reshape(B, Hkv, H // Hkv * tq, D) @ k.transpose(-1, -2)
     return s.reshape(B, H, tq, k.shape[2]) * scale
 
 
 def _pv(p: Tensor, v: Tensor) -> Tensor:
     B, H, tq, tk = p.shape
     Hkv = v.shape[1]
-    return (p.reshape(B, Hkv, H // Hkv, tq, tk) @ v.unsqueeze(2)).reshape(B, H, tq, v.shape[-1])
+    return (p.reshape(B, Hkv, H // Hkv * tq, tk) @ v).reshape(B, H, tq, v.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------------
