@@ -99,3 +99,35 @@ def test_backend_repairs_nan_rows_of_an_older_sdpa(monkeypatch, kind):
     g_ref = torch.autograd.grad(qkv.attention(q, k, v, backend="reference", **kw).square().sum(), (q, k, v))
     for g, r in zip((q.grad, k.grad, v.grad), g_ref):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "window"])
+def test_a_custom_scale_reaches_every_sdpa_call(mask):
+    """``scale`` on the ``is_causal``/no-mask path and on the dense-mask path (a default-only test
+    would not see it dropped)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float64) for _ in range(3))
+    m = {None: None, "causal": M.causal(), "window": M.sliding_window(2)}[mask]
+    for scale in (0.05, 3.0):
+        got = qkv.attention(q, k, v, mask=m, scale=scale, backend="sdpa")
+        s = (q @ k.transpose(-1, -2)) * scale
+        if m is not None:
+            s = s.masked_fill(~m.to_dense(1, 2, 6, 6), -math.inf)
+        torch.testing.assert_close(got, torch.softmax(s, -1) @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_query_attention_on_a_torch_without_enable_gqa(monkeypatch):
+    """torch < 2.5 has no ``enable_gqa``: K/V are repeated per query head, head ``h`` on K/V ``h // G``."""
+    import qkv.backends.sdpa as sdpa_mod
+
+    monkeypatch.setattr(sdpa_mod, "_HAS_GQA", False)
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 5, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 7, 8, dtype=torch.float64), torch.randn(2, 2, 7, 3, dtype=torch.float64)
+    for m in (None, M.causal() & M.sliding_window(3)):
+        got = qkv.attention(q, k, v, mask=m, backend="sdpa")
+        for h in range(6):
+            s = (q[:, h] @ k[:, h // 3].transpose(-1, -2)) / math.sqrt(8)
+            if m is not None:
+                s = s.masked_fill(~m.to_dense(1, 1, 5, 7)[0, 0], -math.inf)
+            torch.testing.assert_close(got[:, h], torch.softmax(s, -1) @ v[:, h // 3], rtol=1e-12, atol=1e-12)
