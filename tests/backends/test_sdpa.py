@@ -120,7 +120,8 @@ def test_grouped_query_attention_on_a_torch_without_enable_gqa(monkeypatch):
     """torch < 2.5 has no ``enable_gqa``: K/V are repeated per query head, head ``h`` on K/V ``h // G``."""
     import qkv.backends.sdpa as sdpa_mod
 
-    monkeypatch.setattr(sdpa_mod, "_HAS_GQA", False)
+    flag = next(n for n in ("HAS_GQA", "_HAS_GQA") if hasattr(sdpa_mod, n))  # public once backends/ is reshaped
+    monkeypatch.setattr(sdpa_mod, flag, False)
     torch.manual_seed(0)
     q = torch.randn(2, 6, 5, 8, dtype=torch.float64)
     k, v = torch.randn(2, 2, 7, 8, dtype=torch.float64), torch.randn(2, 2, 7, 3, dtype=torch.float64)
