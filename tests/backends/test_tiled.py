@@ -181,6 +181,8 @@ def test_merge_and_attention_with_lse_split_keys_exactly():
     assert (out[:, :, 3] == 0).all() and torch.isneginf(lse[:, :, 3]).all()
     with pytest.raises(ValueError, match="merge"):
         T.merge(a[0], a[1], b[0][..., :3], b[1])
+    with pytest.raises(ValueError, match="merge"):  # the logsumexps agree with each other, not with the outputs
+        T.merge(a[0], a[1][..., :3], b[0], b[1][..., :3])
 
 
 def test_grouped_query_attention_does_not_copy_kv(monkeypatch):
