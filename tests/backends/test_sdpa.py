@@ -132,3 +132,15 @@ def test_grouped_query_attention_on_a_torch_without_enable_gqa(monkeypatch):
             if m is not None:
                 s = s.masked_fill(~m.to_dense(1, 1, 5, 7)[0, 0], -math.inf)
             torch.testing.assert_close(got[:, h], torch.softmax(s, -1) @ v[:, h // 3], rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_applies_on_the_dense_mask_path_too():
+    """With a mask (a dense mask for SDPA) dropout still drops: the mean of many runs is the exact output."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
+    m = M.sliding_window(3, 1)
+    exact = qkv.attention(q, k, v, mask=m, backend="sdpa")
+    runs = torch.stack([qkv.attention(q, k, v, mask=m, dropout_p=0.5, backend="sdpa") for _ in range(2000)])
+    changed = (runs - exact).abs().amax(dim=(1, 2, 3, 4)) > 1e-3
+    assert changed.float().mean() > 0.9  # nearly every run dropped something
+    torch.testing.assert_close(runs.mean(0), exact, atol=0.1, rtol=0)
