@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from qkv import bench
@@ -28,8 +29,8 @@ def test_run_bench_writes_table_json_and_png(tmp_path, capsys):
 def test_peak_memory_sees_a_known_allocation():
     n = 64 * 2**20  # 64 MiB
     peak = bench.peak_memory(lambda: torch.ones(n // 4).sum())
-    if peak is None:  # /proc not writable here: the bench reports n/a
-        return
+    if peak is None:
+        pytest.skip("the memory probe needs a writable /proc/self/clear_refs (Linux); the bench reports n/a")
     assert n * 0.9 < peak < n * 1.5
     small = bench.peak_memory(lambda: torch.ones(1000).sum())
     assert small is not None and small < n / 4

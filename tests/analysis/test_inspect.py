@@ -4,15 +4,48 @@ import csv
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
-from qkv.analysis import capture, head_table
 from qkv.analysis.inspect import run_inspect
 from qkv.cli import main
-from qkv.models import minilm
+from qkv.models import minilm_path
 
 TEXT = "The cat sat on the mat, and the dog watched it."
+
+
+def _hf_head_table(text: str) -> tuple[list[str], list[dict[str, float]]]:
+    """The measures of every head computed independently: Hugging Face's BERT (eager attention,
+    ``output_attentions``) on the same checkpoint, and each measure written out with numpy."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    hf = transformers.BertModel.from_pretrained(minilm_path(), attn_implementation="eager").eval()
+    enc = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        atts = hf(**enc, output_attentions=True).attentions
+    tokens = tok.convert_ids_to_tokens(enc["input_ids"][0])
+    L = len(tokens)
+    idx = np.arange(L)
+    punct = np.array([t in {",", "."} for t in tokens])
+    rows = []
+    for l, a in enumerate(atts):
+        for h in range(a.shape[1]):
+            p = a[0, h].double().numpy()
+            rows.append(
+                {
+                    "name": f"L{l}H{h}",
+                    "entropy": float(np.mean(-(p * np.log(np.maximum(p, 1e-300))).sum(1))),
+                    "distance": float(np.mean((p * np.abs(idx[:, None] - idx[None, :])).sum(1))),
+                    "cls": float(np.mean(p[:, 0])),
+                    "sep": float(np.mean(p[:, L - 1])),
+                    "punct": float(np.mean(p[:, punct].sum(1))),
+                    "self": float(np.mean(np.diag(p))),
+                    "prev": float(np.mean([p[i, i - 1] for i in range(1, L)])),
+                    "next": float(np.mean([p[i, i + 1] for i in range(L - 1)])),
+                }
+            )
+    return tokens, rows
 
 
 def test_inspect_writes_its_files_and_prints_the_strongest_heads(tmp_path, capsys):
@@ -25,24 +58,25 @@ def test_inspect_writes_its_files_and_prints_the_strongest_heads(tmp_path, capsy
     assert len(rows) == 6 * 12 and rows[0]["name"] == "L0H0"
     table = json.loads((out / "heads.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["tokens"][0] == "[CLS]" and summary["tokens"][-1] == "[SEP]"
     assert len(summary["head_map"]) == 72 and len(summary["collapse"]["entropy"]) == 6
-    # the table is the measures of the captured weights, and the printed heads are its maxima
-    model = minilm()
-    enc = model.encode(TEXT)
-    ref = head_table(capture(model, **enc))
+    # every measure of every head against Hugging Face's attention and the formulas written out here
+    tokens, ref = _hf_head_table(TEXT)
+    assert summary["tokens"] == tokens and tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
     assert [r["name"] for r in ref] == [r["name"] for r in table]
-    assert max(abs(a["sep"] - b["sep"]) for a, b in zip(ref, table)) < 1e-6
+    for col in ("entropy", "distance", "cls", "sep", "punct", "self", "prev", "next"):
+        err = max(abs(a[col] - b[col]) for a, b in zip(ref, table))
+        assert err < 1e-4, f"{col}: off by {err:.3g} from the independent computation"
+        assert max(abs(float(a[col]) - b[col]) for a, b in zip(rows, ref)) < 1e-4, f"heads.csv {col}"
+    # the printed heads are the independent table's maxima
     printed = capsys.readouterr().out
-    best_sep = max(table, key=lambda r: r["sep"])
+    best_sep = max(ref, key=lambda r: r["sep"])
     assert re.search(rf"{best_sep['name']} -> \[SEP\] {best_sep['sep']:.2f}", printed)
-    best_prev = max(table, key=lambda r: r["prev"])
-    assert f"{best_prev['name']} -> previous token" in printed
-    for row in table:  # the PNG of each strongest head exists
-        if row["name"] == best_sep["name"]:
-            assert (out / f"head_{row['name']}.png").exists()
+    best_prev = max(ref, key=lambda r: r["prev"])
+    assert re.search(rf"{best_prev['name']} -> previous token {best_prev['prev']:.2f}", printed)
+    assert summary["strongest"]["sep"]["head"] == best_sep["name"]
+    assert (out / f"head_{best_sep['name']}.png").exists()
     sr = summary["sink_rate"]  # Gu et al.'s rate, from the first-token column of the same weights
-    cls = torch.tensor([r["cls"] for r in table]).view(6, 12)
+    cls = torch.tensor([r["cls"] for r in ref]).view(6, 12)
     assert sr["of"] == 72 and sr["heads"] == int((cls > 0.3).sum()) and sr["rate"] == pytest.approx(sr["heads"] / 72)
     assert f"sink rate {sr['rate']:.2f}: {sr['heads']} of 72 heads" in printed
     html = (out / "viewer.html").read_text()

@@ -165,10 +165,11 @@ def _pad_dv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """``q kᵀ · scale`` ``(B, H, m, n)`` with grouped-query heads sharing K (no copy)."""
+    """``q kᵀ · scale`` ``(B, H, m, n)`` with grouped-query heads sharing K (no copy of K: the query rows
+    of a group are stacked, ``(B, Hkv, G·m, D) @ Kᵀ``)."""
     B, H, m, D = q.shape
     Hkv = k.shape[1]
-    s = q.reshape(B, Hkv, H // Hkv, m, D) @ k.unsqueeze(2).transpose(-1, -2)
+    s = q.reshape(B, Hkv, H // Hkv * m, D) @ k.transpose(-1, -2)
     return s.reshape(B, H, m, k.shape[2]) * scale
 
 
@@ -176,7 +177,7 @@ def weighted_values(p: Tensor, v: Tensor) -> Tensor:
     """``p v`` ``(B, H, m, Dv)`` for weights ``p (B, H, m, n)`` and grouped-query values ``v (B, Hkv, n, Dv)``."""
     B, H, m, n = p.shape
     Hkv = v.shape[1]
-    return (p.reshape(B, Hkv, H // Hkv, m, n) @ v.unsqueeze(2)).reshape(B, H, m, v.shape[-1])
+    return (p.reshape(B, Hkv, H // Hkv * m, n) @ v).reshape(B, H, m, v.shape[-1])
 
 
 def span_forward(
@@ -272,11 +273,12 @@ def span_backward(
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.exp(s - lse.unsqueeze(-1))  # (B, H, m, n)
     delta = (dout * out).sum(-1, keepdim=True)
-    dv = (p.transpose(-1, -2).reshape(B, Hkv, G, -1, m) @ dout.reshape(B, Hkv, G, m, -1)).sum(2)
+    rows = (B, Hkv, G * m)  # a group's query rows stacked: the sums over its heads are one matmul
+    dv = p.reshape(*rows, -1).transpose(-1, -2) @ dout.reshape(*rows, -1)
     dp = weighted_values(dout, v.transpose(-1, -2))  # dO Vᵀ: (B, H, m, n)
     ds = p * (dp - delta) * scale
     dq = weighted_values(ds, k)
-    dk = (ds.transpose(-1, -2).reshape(B, Hkv, G, -1, m) @ q.reshape(B, Hkv, G, m, -1)).sum(2)
+    dk = ds.reshape(*rows, -1).transpose(-1, -2) @ q.reshape(*rows, -1)
     return dq, dk, dv
 
 

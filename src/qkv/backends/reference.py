@@ -29,12 +29,13 @@ CALL_S = 200e-6
 def scores(req: Request, dtype: torch.dtype | None = None) -> Tensor:
     """``Q Kᵀ · scale`` with the score mod applied and masked pairs at ``-inf``: ``(B, H, Lq, Lk)``.
 
-    Grouped-query heads share K without copying it: ``q`` is viewed as ``(B, Hkv, G, Lq, D)``."""
+    Grouped-query heads share K without copying it: ``q`` is viewed as ``(B, Hkv, G·Lq, D)``, the
+    query rows of a group stacked (a broadcast ``(B, Hkv, G, Lq, D) @ (B, Hkv, 1, D, Lk)`` would
+    copy K ``G`` times inside ``matmul``)."""
     dt = dtype or compute_dtype(req.dtype)
     B, H, Hkv, G, Lq, Lk = req.B, req.H, req.Hkv, req.groups, req.Lq, req.Lk
-    q = req.q.to(dt).reshape(B, Hkv, G, Lq, req.D)
-    k = req.k.to(dt).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
-    s = (q @ k.transpose(-1, -2)).reshape(B, H, Lq, Lk) * req.scale
+    q = req.q.to(dt).reshape(B, Hkv, G * Lq, req.D)
+    s = (q @ req.k.to(dt).transpose(-1, -2)).reshape(B, H, Lq, Lk) * req.scale
     shape = req.shape
     if req.score_mod is not None or req.mask is not None:
         dev = req.device
@@ -60,7 +61,7 @@ def reference_attention(req: Request, dtype: torch.dtype | None = None) -> tuple
         w = safe_softmax(torch.cat((s, sink), dim=-1))[..., :-1]
     wd = torch.nn.functional.dropout(w, req.dropout_p) if req.dropout_p > 0 else w
     B, H, Hkv, G, Lq, Lk = req.B, req.H, req.Hkv, req.groups, req.Lq, req.Lk
-    out = wd.reshape(B, Hkv, G, Lq, Lk) @ req.v.to(dt).unsqueeze(2)  # (B, Hkv, G, Lq, Dv)
+    out = wd.reshape(B, Hkv, G * Lq, Lk) @ req.v.to(dt)  # (B, Hkv, G·Lq, Dv): V is not copied per head
     return out.reshape(B, H, Lq, req.Dv), w
 
 

@@ -95,6 +95,36 @@ def _sink_key(req: Request, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Te
     return q2, k2, v2
 
 
+def open_dead_rows(attn_mask: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The first half of the dead-row repair: let rows that may attend to nothing see every key.
+
+    Older torch releases (and some devices) give NaN for a row whose scores are all ``-inf``, forward
+    and backward; with every key open the row is finite and harmless, and :func:`zero_dead_rows` then
+    sets it (and so its gradient) to zero.
+
+    Args:
+        attn_mask: the mask handed to SDPA, bool (True = may attend) or additive float,
+            broadcastable to ``(B, H, Lq, Lk)``.
+        allowed: bool ``(B|1, H|1, Lq, Lk)``, which pairs may meet.
+
+    Returns:
+        ``(attn_mask, live)``: the mask with the dead rows opened and ``live (B|1, H|1, Lq, 1)``, which
+        rows see a key; ``live`` is None (and the mask unchanged) when every row sees one.
+    """
+    live = allowed.any(dim=-1, keepdim=True)
+    if bool(live.all()):
+        return attn_mask, None
+    if attn_mask.dtype == torch.bool:
+        return attn_mask | ~live, live
+    return attn_mask.masked_fill(~live, 0.0), live
+
+
+def zero_dead_rows(out: Tensor, live: Tensor | None) -> Tensor:
+    """The second half of the repair: zeros in the rows of ``out (B, H, Lq, Dv)`` where ``live`` (from
+    :func:`open_dead_rows`) is False, with zero gradient; ``out`` itself when ``live`` is None."""
+    return out if live is None else out.masked_fill(~live, 0.0)
+
+
 class SDPA(Backend):
     name = "sdpa"
     takes_sinks = True
@@ -160,14 +190,11 @@ class SDPA(Backend):
             allowed = ~torch.isneginf(bias)
             attn_mask = bias
         assert allowed is not None and attn_mask is not None
-        live = allowed.any(dim=-1, keepdim=True)  # (B|1, H|1, Lq, 1): rows with something to see
-        dead = not bool(live.all())
-        if dead:  # let dead rows see everything (finite, harmless), then zero them and their gradient
-            attn_mask = attn_mask | ~live if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~live, 0.0)
+        attn_mask, live = open_dead_rows(attn_mask, allowed)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=req.dropout_p, scale=req.scale, **gqa
         )
-        return out.masked_fill(~live, 0.0) if dead else out
+        return zero_dead_rows(out, live)
 
     def _run_sinks(self, req: Request) -> Tensor:
         q, k, v = _sink_key(req, req.q, req.k, req.v)
