@@ -58,11 +58,22 @@ def low_precision_reference(
     return _run(fn, q, k, v, dout)
 
 
-def check_backend(backend: str, q: Tensor, k: Tensor, v: Tensor, *, grad: bool = True, **kw: Any) -> None:
-    """Assert ``qkv.attention(..., backend=backend, **kw)`` meets the tolerance rule, forward and
-    (with ``grad``) backward, against the float64 oracle."""
+def check_backend(
+    backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    grad: bool = True,
+    options: dict[str, Any] | None = None,
+    **kw: Any,
+) -> None:
+    """Assert ``qkv.attention(..., backend=backend, **kw, **options)`` meets the tolerance rule, forward
+    and (with ``grad``) backward, against the float64 oracle (which gets ``kw`` only: ``options`` are
+    the backend's own)."""
     dout = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype) if grad else None
-    got = _run(lambda a, b, c: qkv.attention(a, b, c, backend=backend, **kw), q, k, v, dout)
+    opts = options or {}
+    got = _run(lambda a, b, c: qkv.attention(a, b, c, backend=backend, **kw, **opts), q, k, v, dout)
     ref = oracle(q, k, v, dout, **kw)
     base = low_precision_reference(q, k, v, dout, **kw)
     floor = FLOOR[q.dtype]
