@@ -65,6 +65,15 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, flo
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def _peers(q: Any, k: Any, v: Any, raw_fa: Any, hand: Any, mask: M.Mask) -> dict[str, Callable[[], Any]]:
+    return {
+        "raw flex": lambda: raw_fa(q, k, v, block_mask=hand),
+        "qkv flex": lambda: qkv.attention(q, k, v, mask=mask, backend="flex"),
+        "qkv auto": lambda: qkv.attention(q, k, v, mask=mask),
+        "tiled": lambda: qkv.attention(q, k, v, mask=mask, backend="tiled"),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--L", type=int, default=8192)
@@ -89,16 +98,11 @@ def main() -> int:
 
     hand = create_block_mask(window_mod, None, None, L, L, device="cpu")
     mask = M.causal() & M.sliding_window(W)
-    results = []
+    results: list[tuple[str, float, bool | None]] = []
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, H, L, D, generator=g).to(dtype) for _ in range(3))
-        fns: dict[str, Callable[[], Any]] = {
-            "raw flex": lambda q=q, k=k, v=v: raw_fa(q, k, v, block_mask=hand),
-            "qkv flex": lambda q=q, k=k, v=v: qkv.attention(q, k, v, mask=mask, backend="flex"),
-            "qkv auto": lambda q=q, k=k, v=v: qkv.attention(q, k, v, mask=mask),
-            "tiled": lambda q=q, k=k, v=v: qkv.attention(q, k, v, mask=mask, backend="tiled"),
-        }
+        fns = _peers(q, k, v, raw_fa, hand, mask)
         for name in ("raw flex", "qkv flex"):
             t0 = time.perf_counter()
             with torch.no_grad():
