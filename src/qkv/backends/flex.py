@@ -90,10 +90,10 @@ BLOCK = 128
 ENV = "QKV_FLEX_COMPILE"
 """Environment variable that opts in to compiling on the CPU (``1``, ``true``, ``yes`` or ``on``)."""
 RECOMPILE_LIMIT = 64
-"""Kernels ``torch.compile`` may keep for FlexAttention in one process. Each mask and score mod
-structure (and the first shapes of each) is one; beyond PyTorch's default of 8 dynamo would fall back
-to the uncompiled ``Lq x Lk`` implementation, so qkv raises the limit for its own calls and declines
-past this many."""
+"""Kernels ``torch.compile`` may keep for qkv's FlexAttention calls in one process. Each mask and
+score mod structure is one, and on the CPU each shape; beyond PyTorch's default of 8 dynamo would fall
+back to the uncompiled ``Lq x Lk`` implementation, so qkv raises the limit for its own calls (only)
+and declines past this many."""
 
 _OPTIONS = frozenset({"compile", "block_size", "return_lse"}) | WEIGHT_OPTIONS
 _TRUE = ("1", "true", "yes", "on")
@@ -288,10 +288,17 @@ static, later ones one dynamic kernel (``benchmarks/gpu_check.py --static`` sets
 _compiled_fns: dict[bool | None, Callable[..., Any]] = {}
 
 
+def _flex_call(q: Tensor, k: Tensor, v: Tensor, **kw: Any) -> Any:
+    """``flex_attention`` behind a function of qkv's own: ``torch.compile`` keeps its kernels (and
+    counts them against its recompile limit) per code object, so qkv's kernels neither crowd out nor
+    are crowded out by a caller's own ``torch.compile(flex_attention)``."""
+    return _fa.flex_attention(q, k, v, **kw)
+
+
 def _compiled(device_type: str) -> Callable[..., Any]:
     dyn = DYNAMIC.get(device_type)
     if dyn not in _compiled_fns:
-        _compiled_fns[dyn] = torch.compile(_fa.flex_attention, dynamic=dyn)
+        _compiled_fns[dyn] = torch.compile(_flex_call, dynamic=dyn)
     return _compiled_fns[dyn]
 
 
@@ -331,11 +338,14 @@ def _cpu_compile_blocker() -> str | None:
 # ------------------------------------------------------------------------------------------------
 # the backend
 
-#: measured constants of the cost model (``python benchmarks/bench_flex.py`` prints the rates it
-#: measures). On CUDA no rate was measured in this repository: FlexAttention is taken to run at
-#: ``CUDA_VS_FUSED`` of the rate ``sdpa``'s cost model gives its fused kernel (PyTorch's published
-#: 85-90 % of FlashAttention), so that only the work each skips decides between them.
-CPU_FLOPS = {torch.float32: 110e9, torch.bfloat16: 110e9, torch.float16: 60e9}
+#: constants of the cost model. CPU: fp32 fitted to the README's quiet run (compiled FlexAttention
+#: 32.0 ms on the causal window 256 at 8k, H=4: 3.4 GFLOP on the blocks it visits); bf16 from the
+#: bf16/fp32 time ratio ``benchmarks/bench_flex.py`` measured on an AMD EPYC without AMX (1.39; CPUs
+#: with AMX run bf16 about 4x faster than fp32); fp16 a guess. On CUDA no rate was measured in this
+#: repository: FlexAttention is taken to run at ``CUDA_VS_FUSED`` of the rate ``sdpa``'s cost model
+#: gives its fused kernel (PyTorch's published 85-90 % of FlashAttention), so that only the work each
+#: skips decides between them.
+CPU_FLOPS = {torch.float32: 110e9, torch.bfloat16: 80e9, torch.float16: 60e9}
 """Floating-point operations per second of the compiled CPU kernel on the blocks it visits."""
 EAGER_FLOPS = 20e9
 """Rate of the uncompiled implementation (it builds and masks the whole ``Lq x Lk`` scores)."""
@@ -430,9 +440,9 @@ class Flex(Backend):
                     "the compiled CPU kernel of FlexAttention computes no logsumexp (torch raises);"
                     " compile=False returns it"
                 )
-        if len(KERNELS) >= RECOMPILE_LIMIT and not self.ready(req):
+        if STATS.compiles >= RECOMPILE_LIMIT and not self.ready(req):
             return (
-                f"flex already compiled {RECOMPILE_LIMIT} kernels in this process (qkv.backends.flex.RECOMPILE_LIMIT);"
+                f"flex already compiled {STATS.compiles} kernels in this process (qkv.backends.flex.RECOMPILE_LIMIT);"
                 " another would exceed torch.compile's recompile limit"
             )
         return None
