@@ -103,7 +103,11 @@ _allow = os.environ.get(ENV, "").strip().lower() in _TRUE
 def allow_compile(flag: bool = True) -> bool:
     """Let ``auto`` pick ``flex`` on the CPU even when its kernel must be compiled first (6-30 s per
     new shape and mask structure); returns the previous setting. Off by default unless the
-    environment variable ``QKV_FLEX_COMPILE`` is ``1``. On CUDA ``auto`` may always pick ``flex``."""
+    environment variable ``QKV_FLEX_COMPILE`` is ``1``. On CUDA ``auto`` may always pick ``flex``.
+
+    CPU kernels are compiled per exact shape (:data:`DYNAMIC`), so opt in for workloads that repeat
+    their shapes (a model over fixed-length batches), not for decoding with a growing KV cache,
+    where every step is a new key length."""
     global _allow
     if not isinstance(flag, bool):
         raise TypeError(f"allow_compile: flag must be a bool, got {type(flag).__name__}")
