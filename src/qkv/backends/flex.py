@@ -43,6 +43,7 @@ Options (keyword arguments of :func:`qkv.attention`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -316,18 +317,30 @@ def _graphs() -> int:
         return -1
 
 
+_LIMIT_NAME = next(
+    (n for n in ("recompile_limit", "cache_size_limit") if hasattr(getattr(torch, "_dynamo", None), "config")
+     and hasattr(torch._dynamo.config, n)),
+    None,
+)  # fmt: skip
+
+
 @contextlib.contextmanager
 def _recompile_limit() -> Iterator[None]:
-    """Raise dynamo's per-function recompile limit to :data:`RECOMPILE_LIMIT` for qkv's own call."""
-    cfg = getattr(getattr(torch, "_dynamo", None), "config", None)
-    name = next((n for n in ("recompile_limit", "cache_size_limit") if hasattr(cfg, n)), None)
-    if name is None or getattr(cfg, name) >= RECOMPILE_LIMIT:
+    """Raise dynamo's per-function recompile limit to :data:`RECOMPILE_LIMIT` for qkv's own call
+    (set and restored directly: ``config.patch`` costs more than a small kernel)."""
+    cfg = torch._dynamo.config
+    old = getattr(cfg, _LIMIT_NAME) if _LIMIT_NAME else RECOMPILE_LIMIT
+    if old >= RECOMPILE_LIMIT:
         yield
         return
-    with cfg.patch(**{name: RECOMPILE_LIMIT}):  # type: ignore[union-attr]
+    setattr(cfg, _LIMIT_NAME, RECOMPILE_LIMIT)  # type: ignore[arg-type]
+    try:
         yield
+    finally:
+        setattr(cfg, _LIMIT_NAME, old)  # type: ignore[arg-type]
 
 
+@functools.cache
 def _cpu_compile_blocker() -> str | None:
     """Why the CPU cannot compile FlexAttention here (it needs AVX2 and a C++ compiler), or None."""
     cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
