@@ -32,7 +32,6 @@ EXACT = ("sdpa", "tiled", "reference")
 
 def requests(quick: bool) -> list[tuple[str, int, int, str, dict[str, Any]]]:
     """``(label, L, H, mode, kwargs)`` for every request of the grid."""
-
     def window() -> M.Mask:
         return M.causal() & M.sliding_window(256)
 

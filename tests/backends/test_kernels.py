@@ -54,9 +54,7 @@ def test_span_backward_sums_to_the_exact_gradient(dtype, causal, engine, monkeyp
     if causal:
         k, v, allowed = k[:, :, :9], v[:, :, :9], None
     qa, ka, va = (t.clone().requires_grad_(True) for t in (q, k, v))
-    ref = oracle(
-        qa, ka, va, torch.ones(2, 4, 9, 6), scale=0.3, mask=allowed if not causal else torch.ones(9, 9).tril().bool()
-    )
+    ref = oracle(qa, ka, va, torch.ones(2, 4, 9, 6), scale=0.3, mask=allowed if not causal else torch.ones(9, 9).tril().bool())
     out, lse = K.span_forward(q, k, v, 0.3, allowed, causal)
     dout = torch.ones_like(out)
     n = k.shape[2]
