@@ -227,6 +227,13 @@ class Mask:
         self._to_device(dev)
         return create_block_mask(self.mask_mod(Lq, Lk, B, H), B, H, Lq, Lk, device=str(dev), BLOCK_SIZE=BLOCK_SIZE)
 
+    def to(self, device: torch.device | str) -> Mask:
+        """Move the tensors this mask holds (ids, lengths, layouts) to ``device`` in place, as
+        ``nn.Module.to`` does, and return the mask. Kernels that capture them (a compiled
+        FlexAttention ``mask_mod``) need them on the device of the queries; evaluating works anywhere."""
+        self._to_device(torch.device(device))
+        return self
+
     def _to_device(self, device: torch.device) -> None:
         """Move tensors the mask holds (ids, lengths, layouts) to ``device``; default: nothing."""
 
@@ -823,14 +830,18 @@ class _BlockSparse(Mask):
     def __init__(self, layout: Tensor, block_q: int, block_k: int, name: str = "block_sparse"):
         self.layout, self.block_q, self.block_k, self.name = layout, block_q, block_k, name
 
-    def _layout4(self, device: torch.device) -> Tensor:
-        lay = self.layout.to(device)
+    def _layout_at(self, s: Shape) -> Tensor:
+        """The layout for a problem of shape ``s`` (read only: evaluated inside FlexAttention's trace)."""
+        return self.layout
+
+    def _layout4(self, device: torch.device, s: Shape) -> Tensor:
+        lay = self._layout_at(s).to(device)
         while lay.dim() < 4:
             lay = lay.unsqueeze(0)
         return lay
 
     def check(self, s: Shape) -> None:
-        lay = self._layout4(torch.device("cpu"))
+        lay = self._layout4(torch.device("cpu"), s)
         need = (math.ceil(s.Lq / self.block_q), math.ceil(s.Lk / self.block_k))
         if tuple(lay.shape[-2:]) != need or lay.shape[0] not in (1, s.B) or lay.shape[1] not in (1, s.H):
             raise ValueError(
@@ -840,13 +851,13 @@ class _BlockSparse(Mask):
             )
 
     def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        lay = self._layout4(q.device)
+        lay = self._layout4(q.device, s)
         bb = b if lay.shape[0] > 1 else torch.zeros_like(b)
         hh = h if lay.shape[1] > 1 else torch.zeros_like(h)
         return lay[bb, hh, q // self.block_q, k // self.block_k]
 
     def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        lay = self._layout4(qlo.device).long()
+        lay = self._layout4(qlo.device, s).long()
         # 2-D prefix sums over the layout count true blocks in any rectangle of blocks
         P = torch.nn.functional.pad(lay.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
         r0, r1 = qlo // self.block_q, (qhi - 1) // self.block_q + 1  # (nq, 1)
@@ -911,13 +922,12 @@ class _RandomBlocks(_BlockSparse):
     def cache_key(self) -> Hashable | None:
         return ("random_blocks", self.num_blocks, self.block_q, self.seed)
 
-    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        self.layout = self._layout_for(s)
-        return super().evaluate(s, b, h, q, k)
+    def _layout_at(self, s: Shape) -> Tensor:
+        return self._layout_for(s)
 
-    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        self.layout = self._layout_for(s)
-        return super().bounds(s, qlo, qhi, klo, khi)
+    def _to_device(self, device: torch.device) -> None:
+        super()._to_device(device)
+        self._cache = {key: lay.to(device) for key, lay in self._cache.items()}
 
 
 def random_blocks(num_blocks: int, block_size: int, seed: int = 0) -> Mask:

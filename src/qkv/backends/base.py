@@ -120,6 +120,12 @@ class Backend:
         """``None`` if this backend can compute ``req``; otherwise the reason it cannot, in words."""
         return None
 
+    def auto_blocker(self, req: Request) -> str | None:
+        """``None`` when ``auto`` may pick this backend for ``req`` (which it :meth:`supports`); otherwise
+        why only a caller who names it may (say, it would first compile for tens of seconds). Default:
+        ``None``."""
+        return None
+
     def plan(self, req: Request) -> Any:
         """What this backend decides before computing ``req`` (tile classification, a block mask), as
         data; ``None`` when there is nothing to decide. Called once per call by ``auto`` and handed to

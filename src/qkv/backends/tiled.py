@@ -45,13 +45,13 @@ FlashAttention-2 backward given the final ``out'`` and ``lse'``, which is exact 
 ``v``, and :func:`~qkv.backends.kernels.sink_backward` gives the sinks' gradient.
 
 With ``return_weights=True`` the weights ``(B, len(heads), len(rows), Lk)`` are recomputed tile by
-tile from the saved logsumexp, so the weights of 2 heads of a 32k sequence cost ``2 · 32k · 32k``
+tile from the saved logsumexp (:mod:`qkv.backends.weights`, shared with ``flex``), so the weights of 2 heads of a 32k sequence cost ``2 · 32k · 32k``
 numbers, not ``H`` times that. Dropout is declined (``sdpa`` and ``reference`` apply it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,7 +69,6 @@ from .kernels import (
     FUSED_FLOPS,
     compute_dtype,
     merge,
-    safe_softmax,
     sink_backward,
     sink_forward,
     span_backward,
@@ -77,6 +76,8 @@ from .kernels import (
 )
 from .plan import Segment, Tile, TilePlan, plan_tiles, tile_plan
 from .registry import register
+from .weights import OPTIONS as WEIGHT_OPTIONS
+from .weights import weights
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "Segment", "Tiled", "merge", "plan_tiles"]
 
@@ -85,7 +86,7 @@ BLOCK_Q = 256
 BLOCK_K = 128
 """Default key-block length (the grain at which empty and full blocks are found)."""
 
-_OPTIONS = frozenset({"block_q", "block_k", "weights_heads", "weights_rows"})
+_OPTIONS = frozenset({"block_q", "block_k"}) | WEIGHT_OPTIONS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,89 +245,6 @@ def _eager_forward(
 
 
 # ------------------------------------------------------------------------------------------------
-# weights on demand
-
-
-def _rows_index(rows: Any, Lq: int, device: torch.device) -> Tensor:
-    if rows is None:
-        return torch.arange(Lq, device=device)
-    if isinstance(rows, slice):
-        return torch.arange(Lq, device=device)[rows]
-    if isinstance(rows, Tensor):
-        if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
-            raise TypeError(
-                f"weights_rows must be a slice or a 1-D integer tensor, got {rows.dtype} {tuple(rows.shape)}"
-            )
-        idx = rows.long().to(device)
-    elif isinstance(rows, Sequence) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
-        idx = torch.tensor(list(rows), dtype=torch.long, device=device)
-    else:
-        raise TypeError(f"weights_rows must be a slice, a sequence of ints or a 1-D integer tensor, got {rows!r}")
-    if idx.numel() and (int(idx.min()) < -Lq or int(idx.max()) >= Lq):
-        raise ValueError(f"weights_rows: row indices must lie in [-{Lq}, {Lq}) for Lq={Lq}, got {idx.tolist()}")
-    return idx % Lq if Lq else idx
-
-
-def _heads_index(heads: Any, H: int) -> list[int]:
-    if heads is None:
-        return list(range(H))
-    if (
-        isinstance(heads, int)
-        or not isinstance(heads, Sequence)
-        or not all(isinstance(x, int) and not isinstance(x, bool) for x in heads)
-    ):
-        raise TypeError(f"weights_heads must be a sequence of head indices (ints), got {heads!r}")
-    bad = [x for x in heads if not -H <= x < H]
-    if bad:
-        raise ValueError(f"weights_heads: head indices must lie in [-{H}, {H}) for H={H}, got {list(heads)}")
-    return [x % H for x in heads]
-
-
-def _weights(
-    req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, block_q: int, sinks: Tensor | None = None
-) -> Tensor:
-    """Weights ``(B, len(heads), len(rows), Lk)`` recomputed from the (final) row logsumexp, a chunk of
-    rows at a time; differentiable (a plain softmax over the chosen rows, with the sink's column when
-    there are sinks) when gradients are on."""
-    heads = _heads_index(req.options.get("weights_heads"), req.H)
-    rows = _rows_index(req.options.get("weights_rows"), req.Lq, q.device)
-    shape = req.shape
-    G = req.groups
-    hq = torch.tensor(heads, dtype=torch.long, device=q.device)
-    kv_heads = hq // G
-    dev = q.device
-    b = torch.arange(req.B, device=dev).view(-1, 1, 1, 1)
-    h = hq.view(1, -1, 1, 1)
-    ki = torch.arange(req.Lk, device=dev).view(1, 1, 1, -1)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or (sinks is not None and sinks.requires_grad))
-    chunks = []
-    for c0 in range(0, rows.numel(), block_q):
-        r = rows[c0 : c0 + block_q]
-        qi = r.view(1, 1, -1, 1)
-        qs = q[:, hq][:, :, r]  # (B, nh, nr, D)
-        s = (qs @ k[:, kv_heads].transpose(-1, -2)) * req.scale
-        if req.score_mod is not None:
-            s = req.score_mod.apply(shape, s, b, h, qi, ki).to(dt).expand(s.shape)
-        if req.mask is not None:
-            allowed = req.mask.evaluate(shape, b, h, qi, ki)
-            if not isinstance(allowed, Tensor):
-                allowed = torch.tensor(bool(allowed), device=dev)
-            s = s.masked_fill(~allowed.to(torch.bool), float("-inf"))
-        if grad and sinks is not None:
-            col = sinks[hq].view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
-            w = safe_softmax(torch.cat((s, col), dim=-1))[..., :-1]
-        elif grad:
-            w = safe_softmax(s)
-        else:
-            ls = lse[:, hq][:, :, r].unsqueeze(-1)
-            w = torch.exp(s - torch.where(torch.isneginf(ls), torch.zeros_like(ls), ls))
-        chunks.append(w)
-    if not chunks:
-        return q.new_zeros(req.B, len(heads), 0, req.Lk)
-    return torch.cat(chunks, dim=2)
-
-
-# ------------------------------------------------------------------------------------------------
 # the backend
 
 #: measured constants of the cost model (``python benchmarks/auto_regret.py`` checks them); the fused
@@ -425,7 +343,7 @@ class Tiled(Backend):
             out, lse = _eager_forward(q, k, v, req, plan, dt, sinks)
         out = out.to(req.dtype)
         if req.return_weights:
-            return out, _weights(req, q, k, lse, dt, plan.block_q, sinks).to(req.dtype)
+            return out, weights(req, q, k, lse, dt, plan.block_q, sinks).to(req.dtype)
         return out
 
 
