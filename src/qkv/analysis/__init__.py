@@ -7,10 +7,14 @@
   collapse diagnostics, head importance, and :func:`head_table`.
 - Pictures: :func:`plot_head`, :func:`plot_grid`, :func:`plot_alignment` (matplotlib PNGs) and
   :func:`write_viewer`, one self-contained interactive HTML page for every layer and head.
+- Interventions go through the named hook points of every qkv attention module (:mod:`qkv.nn.hooks`:
+  ``hook_scores``, ``hook_weights``, ``hook_heads``, ...): :func:`scale_heads` (head masks, ablation,
+  importance), or any hook with :func:`qkv.nn.hooked`.
 - ``qkv inspect "text"`` (:func:`qkv.analysis.inspect.run_inspect`) does it all for a real model.
 """
 
 from .capture import AttentionMaps, capture
+from .interventions import attention_modules, scale_heads
 from .measures import (
     attention_flow,
     attention_rollout,
@@ -34,6 +38,7 @@ from .viewer import write_viewer
 __all__ = [
     "AttentionMaps",
     "attention_flow",
+    "attention_modules",
     "attention_rollout",
     "capture",
     "collapse",
@@ -47,6 +52,7 @@ __all__ = [
     "mean_distance",
     "offset_mass",
     "punctuation_positions",
+    "scale_heads",
     "special_positions",
     "strongest_heads",
     "downsample_max",

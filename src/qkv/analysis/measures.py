@@ -17,15 +17,14 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn.base import AttentionModule
+from .interventions import attention_modules, scale_heads
 
 if TYPE_CHECKING:
     from .capture import AttentionMaps
@@ -432,31 +431,8 @@ def collapse(
     return out
 
 
-@contextmanager
-def _head_masks(model: nn.Module, xi: Tensor) -> Iterator[list[AttentionModule]]:
-    """Multiply head ``h`` of the ``i``-th :class:`AttentionModule` of ``model`` by ``xi[i, h]`` while inside."""
-    mods = [m for m in model.modules() if isinstance(m, AttentionModule)]
-    if len(mods) != xi.shape[0]:
-        raise ValueError(f"xi has {xi.shape[0]} rows but the model has {len(mods)} attention modules")
-    for i, m in enumerate(mods):
-        orig = m.attend
-
-        def attend(q: Tensor, k: Tensor, v: Tensor, *, _orig: Any = orig, _i: int = i, **kw: Any) -> Tensor:
-            out = _orig(q, k, v, **kw)
-            if out.shape[1] != xi.shape[1]:
-                raise ValueError(f"attention module {_i} has {out.shape[1]} heads, the mask has {xi.shape[1]}")
-            return out * xi[_i].to(out.dtype).view(1, -1, 1, 1)
-
-        m.attend = attend  # type: ignore[method-assign]
-    try:
-        yield mods
-    finally:
-        for m in mods:
-            del m.attend
-
-
 def _num_heads(model: nn.Module) -> tuple[int, int]:
-    mods = [m for m in model.modules() if isinstance(m, AttentionModule)]
+    mods = [m for _, m in attention_modules(model)]
     if not mods:
         raise ValueError(f"{type(model).__name__} has no qkv AttentionModule")
     heads = {int(getattr(m, "num_heads", 0)) for m in mods}
@@ -486,7 +462,7 @@ def head_importance(
     xi = torch.ones(n, H, requires_grad=True)
     total = torch.zeros(n, H, dtype=torch.float64)
     count = 0
-    with _head_masks(model, xi):
+    with scale_heads(model, xi):
         for batch in batches:
             loss = loss_fn(model, batch)
             (g,) = torch.autograd.grad(loss, xi)
@@ -506,7 +482,7 @@ def head_ablation(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
     ``L(ξ_h = 0) - L(ξ = 1)``."""
     n, H = _num_heads(model)
     xi = torch.ones(n, H)
-    with _head_masks(model, xi):
+    with scale_heads(model, xi):
         base = float(loss_fn(model, batch))
         out = torch.zeros(n, H, dtype=torch.float64)
         for i in range(n):
