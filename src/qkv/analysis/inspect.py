@@ -154,7 +154,6 @@ def _pictures(
     plot_grid([w[0] for w in maps.weights], tokens, outdir / "grid.png", title="attention of every head")
     written.append("grid.png")
     rollout = attention_rollout(maps)
-    assert isinstance(rollout, torch.Tensor)
     plot_head(rollout[0], tokens, tokens, outdir / "rollout.png", title="attention rollout (Abnar & Zuidema 2020)")
     written.append("rollout.png")
     for col, r in best.items():
