@@ -277,3 +277,19 @@ def test_a_copied_module_checks_its_own_hook_points():
     assert not c.has_hooks
     m.hook_heads.register_forward_pre_hook(lambda mod, args: None)
     assert m.has_hooks
+
+
+def test_weights_of_a_backend_with_its_own_options_are_not_taken_from_another(monkeypatch):
+    """A sequence-parallel layer passes group=/layout= to ring, which returns no weights: computing them with
+    another backend would see only this rank's shard, so the hook is refused instead."""
+
+    def no_weights(q, k, v, *, backend, return_weights=False, **kw):
+        raise NotImplementedError(f"{backend} returns no weights")
+
+    monkeypatch.setattr(qkv.nn.hooks, "attention", no_weights)
+    m = _mha(12)
+    m.backend = "ring"
+    q, k, v = (torch.randn(1, h, L, E // H, dtype=D64) for h in (H, HKV, HKV))
+    with hooked(m, ("hook_weights", lambda w, name: None)):
+        with pytest.raises(ValueError, match="ring.*returns no weights.*group, layout"):
+            m.attend(q, k, v, group=None, layout="zigzag")

@@ -27,9 +27,11 @@ What a hook costs and changes:
   backend, no weights); the only cost is checking the hook points' hook dicts.
 - ``hook_q``/``hook_k``/``hook_v``/``hook_heads`` cost only the hook itself; the backend still computes.
 - ``hook_weights``: the module asks its backend for the weights too (``return_weights=True``; a backend
-  that cannot, such as ``sdpa``, is replaced by ``auto`` for the call). If the hook replaced the weights
-  (or changed them in place), the output is recomputed from them: ``dropout(weights) @ v``, grouped-query
-  heads sharing their value head, dropout (training only) applied to the new weights.
+  that cannot, such as ``sdpa``, is replaced by ``auto`` for the call, unless the module passes it
+  options of its own, as the sequence-parallel ``ring``/``ulysses`` layers do: then ``ValueError``). If
+  the hook replaced the weights (or changed them in place), the output is recomputed from them:
+  ``dropout(weights) @ v``, grouped-query heads sharing their value head, dropout (training only) applied
+  to the new weights.
 - ``hook_scores``: the module computes attention by the reference formula (float32, float64 for float64
   inputs) whatever its backend: scores, hook, softmax (a row of ``-inf`` gives zeros), ``hook_weights``,
   dropout, ``@ v``. A module on an approximate backend (``linear``, ``performer``, ``nystrom``) has no
@@ -141,7 +143,13 @@ def hooked_attention(
     elif hw.active:
         try:  # the module's own backend when it returns weights (reference, tiled, linear, ...)
             out, w = attention(q, k, v, backend=backend, return_weights=True, **kwargs)
-        except NotImplementedError:  # e.g. sdpa: an exact backend that returns weights
+        except NotImplementedError as e:  # e.g. sdpa: an exact backend that returns weights
+            extra = sorted(set(kwargs) - set(_COMMON))
+            if extra:  # ring/ulysses (group=, layout=): another backend would see only this rank's shard
+                raise ValueError(
+                    f"hook_weights: backend {backend!r} returns no weights ({e}), and its option(s)"
+                    f" {', '.join(extra)} mean nothing to another backend"
+                ) from e
             common = {key: kwargs[key] for key in _COMMON if key in kwargs}
             out, w = attention(q, k, v, backend="auto", return_weights=True, **common)
         w, changed = _run(hw, "hook_weights", w)
