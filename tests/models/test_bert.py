@@ -172,7 +172,9 @@ def test_key_map_is_a_bijection_between_the_checkpoint_and_the_encoder():
 
     ours = minilm()
     own = set(ours.state_dict())
-    file_keys = {k for k in load_file(os.path.join(minilm_path(), "model.safetensors")) if not k.endswith("position_ids")}
+    file_keys = {
+        k for k in load_file(os.path.join(minilm_path(), "model.safetensors")) if not k.endswith("position_ids")
+    }
     file_keys = {k for k in file_keys if k.startswith(("embeddings.", "encoder."))}
     assert {own_key(k) for k in file_keys} == own
     assert {checkpoint_key(k) for k in own} == file_keys

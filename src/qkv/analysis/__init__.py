@@ -10,7 +10,8 @@
 - Interventions go through the named hook points of every qkv attention module (:mod:`qkv.nn.hooks`:
   ``hook_scores``, ``hook_weights``, ``hook_heads``, ...): :func:`scale_heads` (head masks, ablation,
   importance), or any hook with :func:`qkv.nn.hooked`.
-- ``qkv inspect "text"`` (:func:`qkv.analysis.inspect.run_inspect`) does it all for a real model.
+- :func:`write_head_report`: all of it in one folder (viewer, PNGs, per-head table, summary), what
+  ``qkv inspect "text"`` writes for a real model.
 """
 
 from .capture import AttentionMaps, capture
@@ -33,10 +34,12 @@ from .measures import (
     strongest_heads,
 )
 from .render import downsample_max, plot_alignment, plot_grid, plot_head
+from .report import HeadReport, write_head_report
 from .viewer import write_viewer
 
 __all__ = [
     "AttentionMaps",
+    "HeadReport",
     "attention_flow",
     "attention_modules",
     "attention_rollout",
@@ -59,5 +62,6 @@ __all__ = [
     "plot_alignment",
     "plot_grid",
     "plot_head",
+    "write_head_report",
     "write_viewer",
 ]

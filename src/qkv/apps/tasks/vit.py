@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis import attention_rollout, capture
-from ..models.vit import ViT
+from ...analysis import attention_rollout, capture
+from ...models.vit import ViT
 from .common import TaskResult, fit
 
 __all__ = ["class_token_rollout", "load_digits_split", "train"]

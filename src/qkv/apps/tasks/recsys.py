@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..masks import causal
-from ..nn.blocks import TransformerBlock
+from ...masks import causal
+from ...nn.blocks import TransformerBlock
 from .common import TaskResult, fit
 
 __all__ = ["SASRec", "generate_histories", "train"]

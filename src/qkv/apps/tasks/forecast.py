@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.blocks import TransformerBlock
+from ...nn.blocks import TransformerBlock
 from .common import TaskResult, fit
 
 __all__ = ["Forecaster", "load_series", "seasonal_naive", "train"]

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from qkv import bench
+from qkv.apps import bench
 from qkv.cli import build_parser
 
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis.viewer import write_viewer
-from ..models.seq2seq import Seq2Seq, TransformerSeq2Seq
-from ..nn.base import capture_weights
+from ...analysis.viewer import write_viewer
+from ...models.seq2seq import Seq2Seq, TransformerSeq2Seq
+from ...nn.base import capture_weights
 from .data import PAD, Example, Vocab, batchify, make_dataset
 from .report import plot_alignment, plot_curves
 
