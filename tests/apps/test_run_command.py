@@ -40,3 +40,14 @@ def test_other_import_errors_are_not_swallowed(monkeypatch):
     monkeypatch.setitem(COMMANDS, "nothing", ("qkv_there_is_no_such_module", "run"))
     with pytest.raises(ModuleNotFoundError, match="qkv_there_is_no_such_module"):
         run_command("nothing")
+
+
+def test_every_subcommand_reaches_a_command_function():
+    import importlib
+
+    from qkv.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+    for module, function in COMMANDS.values():
+        assert callable(getattr(importlib.import_module(module), function))

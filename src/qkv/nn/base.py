@@ -29,7 +29,8 @@ __all__ = ["AttentionModule", "BackendSwitch", "capture_weights", "set_backend"]
 class AttentionModule(nn.Module):
     """Base of every qkv module that attends. ``backend`` picks the backend of ``qkv.attention``; the
     hook points ``hook_q``, ``hook_k``, ``hook_v``, ``hook_scores``, ``hook_weights`` and ``hook_heads``
-    (:class:`qkv.nn.hooks.HookPoint`, see :mod:`qkv.nn.hooks`) are where analysis reads and intervenes."""
+    (:class:`qkv.nn.hooks.HookPoint`, see :mod:`qkv.nn.hooks`) are where analysis reads and intervenes.
+    They are made once, here: register hooks on them rather than replacing them."""
 
     def __init__(self) -> None:
         super().__init__()
