@@ -152,7 +152,7 @@ def test_capture_on_qkv_models_whatever_the_backend():
         hs = model.hidden_states(ids, am)
     for i, lay in enumerate(model.encoder.layer):
         sa = lay.attention.self
-        expected = _softmax_weights(sa.query(hs[i]), sa.key(hs[i]), 4, am == 0)
+        expected = _softmax_weights(sa.q_proj(hs[i]), sa.k_proj(hs[i]), 4, am == 0)
         assert (maps.weights[i] - expected).abs().max() < 1e-5
     assert all(m.backend == "sdpa" for m in model.modules() if hasattr(m, "backend"))
 

@@ -242,7 +242,7 @@ def test_head_importance_equals_finite_differences_of_scaled_values():
     expected = torch.zeros(2, 3, dtype=torch.float64)
     with torch.no_grad():
         for l, layer in enumerate(model.encoder.layer):
-            v = layer.attention.self.value
+            v = layer.attention.self.v_proj
             for h in range(3):
                 rows = slice(4 * h, 4 * h + 4)
                 w0, b0 = v.weight[rows].clone(), v.bias[rows].clone()
@@ -267,7 +267,7 @@ def test_head_ablation_equals_zeroing_the_heads_values():
     with torch.no_grad():
         base = float(_loss(model, batch))
         for l, layer in enumerate(model.encoder.layer):
-            v = layer.attention.self.value
+            v = layer.attention.self.v_proj
             rows = slice(4, 8)  # head 1
             w0, b0 = v.weight[rows].clone(), v.bias[rows].clone()
             v.weight[rows], v.bias[rows] = 0.0, 0.0

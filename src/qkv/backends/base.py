@@ -108,6 +108,9 @@ class Backend:
     #: whether ``auto`` may pick it (False for approximations, and for backends whose inputs mean
     #: something else, such as ring attention's local shards)
     automatic: bool = True
+    #: whether it computes the softmax of the exact scores (False for approximations: they have no
+    #: scores for a hook to read)
+    exact: bool = True
     #: whether :meth:`run` honours ``req.sinks``; a backend that does not is never handed a request
     #: with sinks (the policy declines it with a reason, see :func:`unsupported`)
     takes_sinks: bool = False

@@ -1,5 +1,6 @@
 """Attention modules: multi-head (self/cross, GQA/MQA), additive and multiplicative attention,
-positional encodings, KV caches and transformer blocks. All of them call :func:`qkv.attention`."""
+positional encodings, KV caches and transformer blocks. All of them call :func:`qkv.attention`; the
+attention modules carry named hook points (:mod:`qkv.nn.hooks`) for analysis."""
 
 from .additive import AdditiveAttention, LuongAttention
 from .attention import MultiHeadAttention, TorchMasks, masks_from_torch
@@ -15,6 +16,7 @@ from .cache import (
     at_positions,
 )
 from .differential import DifferentialAttention
+from .hooks import HOOK_POINTS, HookPoint, hook_points, hooked
 from .latent import LatentAttention, LatentKVCache
 from .linear_attention import LinearSelfAttention
 from .linformer import LinformerSelfAttention
@@ -40,6 +42,8 @@ __all__ = [
     "FeedForward",
     "FixedKVCache",
     "GrowingKVCache",
+    "HOOK_POINTS",
+    "HookPoint",
     "HybridStack",
     "KVCache",
     "LatentAttention",
@@ -60,6 +64,8 @@ __all__ = [
     "TransformerBlock",
     "at_positions",
     "hybrid_mixers",
+    "hook_points",
+    "hooked",
     "capture_weights",
     "make_norm",
     "masks_from_torch",

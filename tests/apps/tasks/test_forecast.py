@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qkv.tasks import train_task
-from qkv.tasks.forecast import load_series, seasonal_naive
+from qkv.apps.tasks import train_task
+from qkv.apps.tasks.forecast import load_series, seasonal_naive
 
 
 def test_forecast_quick_loss_falls():

@@ -26,7 +26,7 @@ def plot_alignment(weights: np.ndarray, src_tokens: list[str], tgt_tokens: list[
             f"plot_alignment: weights {w.shape} != (len(tgt_tokens), len(src_tokens)) = "
             f"({len(tgt_tokens)}, {len(src_tokens)})"
         )
-    from ..analysis.render import plot_alignment as _render
+    from ...analysis.render import plot_alignment as _render
 
     _render(w, src_tokens, tgt_tokens, path, title="Bahdanau attention: English -> German")
 

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.vit import ViT
+from ...analysis import attention_rollout, capture
+from ...models.vit import ViT
 from .common import TaskResult, fit
 
-__all__ = ["load_digits_split", "train"]
+__all__ = ["class_token_rollout", "load_digits_split", "train"]
 
 
 def load_digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -32,6 +33,13 @@ def load_digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n_test = len(y) // 5
     te, tr = perm[:n_test], perm[n_test:]
     return x[tr], y[tr], x[te], y[te]
+
+
+def class_token_rollout(model: ViT, images: Tensor) -> Tensor:
+    """Attention rollout (:func:`qkv.analysis.attention_rollout`) of the class token over the patches:
+    ``(B, grid, grid)``, rows summing to at most 1 (the rest stays on the class token itself)."""
+    roll = attention_rollout(capture(model, images))
+    return roll[:, 0, 1:].reshape(-1, model.grid, model.grid).float()
 
 
 def _batches(x: Tensor, y: Tensor, batch: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -93,7 +101,7 @@ def train(out: str | None = None, quick: bool = False, seed: int = 0, progress: 
     files: list[str] = []
     if out is not None:
         k = 8
-        maps = model.rollout(xte[:k])
+        maps = class_token_rollout(model, xte[:k])
         path = os.path.join(out, "rollout.png")
         _plot_rollout(xte[:k], maps, yte[:k], pred[:k], path)
         files.append(path)

@@ -7,8 +7,8 @@ import re
 
 from num2words import num2words
 
+from qkv.apps.demo.data import german_tokens, make_dataset
 from qkv.cli import main
-from qkv.demo.data import german_tokens, make_dataset
 
 
 def test_german_morphemes_spell_num2words():
@@ -51,7 +51,7 @@ def test_quick_demo_writes_report(tmp_path, capsys):
 
 
 def test_same_seed_same_training():
-    from qkv.demo import DemoConfig, train_models
+    from qkv.apps.demo import DemoConfig, train_models
 
     cfg = DemoConfig(
         n_train=200,

@@ -2,11 +2,11 @@
 this CPU in minutes on data that ships with Python or its packages (or is generated), each reporting
 its metric beside a baseline.
 
-- ``lm``: a byte-level GPT on the Python standard library's own source text (:mod:`qkv.tasks.lm`);
-- ``vit``: a ViT on scikit-learn's 8x8 handwritten digits, with attention-rollout maps (:mod:`qkv.tasks.vit`);
+- ``lm``: a byte-level GPT on the Python standard library's own source text (:mod:`qkv.apps.tasks.lm`);
+- ``vit``: a ViT on scikit-learn's 8x8 handwritten digits, with attention-rollout maps (:mod:`qkv.apps.tasks.vit`);
 - ``forecast``: an attention forecaster on Google's daily trading volume that matplotlib ships
-  (:mod:`qkv.tasks.forecast`);
-- ``recsys``: SASRec-style next-item prediction on generated histories (:mod:`qkv.tasks.recsys`).
+  (:mod:`qkv.apps.tasks.forecast`);
+- ``recsys``: SASRec-style next-item prediction on generated histories (:mod:`qkv.apps.tasks.recsys`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from qkv import bench
+from qkv.apps import bench
 from qkv.cli import build_parser
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from qkv.tasks import train_task
-from qkv.tasks.vit import load_digits_split
+from qkv.apps.tasks import train_task
+from qkv.apps.tasks.vit import load_digits_split
 
 
 def test_vit_quick_loss_falls(tmp_path):

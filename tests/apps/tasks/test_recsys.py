@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from qkv.apps.tasks import train_task
+from qkv.apps.tasks.recsys import N_ITEMS, PER, generate_histories, next_item_distribution
 from qkv.cli import main
-from qkv.tasks import train_task
-from qkv.tasks.recsys import N_ITEMS, PER, generate_histories, next_item_distribution
 
 
 def test_recsys_quick_loss_falls():

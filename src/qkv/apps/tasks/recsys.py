@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..masks import causal
-from ..models._blocks import Block
+from ...masks import causal
+from ...nn.blocks import TransformerBlock
 from .common import TaskResult, fit
 
 __all__ = ["SASRec", "generate_histories", "train"]
@@ -74,7 +74,9 @@ class SASRec(nn.Module):
         self.n_items = n_items
         self.item = nn.Embedding(n_items + 1, dim, padding_idx=n_items)
         self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, 2 * dim, dropout=0.1) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, heads, 2 * dim, dropout=0.1, norm_first=True) for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(dim)
         self.mask = causal()
 

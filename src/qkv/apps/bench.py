@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import masks as M
-from .attention import attention
+from .. import masks as M
+from ..attention import attention
 
 __all__ = ["Result", "compare", "measure", "peak_memory", "run_bench", "time_median"]
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models._blocks import Block
+from ...nn.blocks import TransformerBlock
 from .common import TaskResult, fit
 
 __all__ = ["Forecaster", "load_series", "seasonal_naive", "train"]
@@ -52,7 +52,9 @@ class Forecaster(nn.Module):
         self.inp = nn.Linear(1, dim)
         self.day = nn.Embedding(7, dim)
         self.pos = nn.Parameter(torch.randn(window, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, 2 * dim, dropout=0.1) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, heads, 2 * dim, dropout=0.1, norm_first=True) for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, horizon)
 

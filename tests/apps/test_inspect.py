@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qkv.analysis.inspect import run_inspect
+from qkv.apps.inspect import run_inspect
 from qkv.cli import main
 from qkv.models import minilm_path
 

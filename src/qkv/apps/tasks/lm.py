@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.gpt import GPT
+from ...models.gpt import GPT
 from .common import TaskResult, fit
 
 __all__ = ["bits_per_byte", "load_stdlib_text", "train", "unigram_bits"]

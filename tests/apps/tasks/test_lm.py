@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from qkv.tasks import train_task
-from qkv.tasks.lm import load_stdlib_text, unigram_bits
+from qkv.apps.tasks import train_task
+from qkv.apps.tasks.lm import load_stdlib_text, unigram_bits
 
 
 def test_lm_quick_loss_falls(tmp_path):

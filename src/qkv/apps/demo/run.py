@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis.viewer import write_viewer
-from ..models.seq2seq import Seq2Seq, TransformerSeq2Seq
-from ..nn.base import capture_weights
+from ...analysis.viewer import write_viewer
+from ...models.seq2seq import Seq2Seq, TransformerSeq2Seq
+from ...nn.base import capture_weights
 from .data import PAD, Example, Vocab, batchify, make_dataset
 from .report import plot_alignment, plot_curves
 
@@ -225,17 +225,19 @@ def _write_report(
     with capture_weights(tr) as maps:
         tr(src, lengths, tin)
     src_toks, tgt_toks = list(ex.src), ["<bos>"] + pred
-    pairs = []
-    for name, _ in maps:
-        q_toks = src_toks if name.startswith("enc") else tgt_toks
-        k_toks = tgt_toks if ".attn" in name and name.startswith("dec") else src_toks
+    pairs, labels = [], []
+    for name, _ in maps:  # enc.i.mixer, dec.i.self_attn, dec.i.cross_attn
+        stack, layer, part = name.split(".")
+        q_toks = src_toks if stack == "enc" else tgt_toks
+        k_toks = tgt_toks if part == "self_attn" else src_toks
         pairs.append((q_toks, k_toks))
+        labels.append(f"{stack}.{layer}.{'cross' if part == 'cross_attn' else 'attn'}")
     viewer = os.path.join(out, "viewer.html")
     write_viewer(
         [w[0] for _, w in maps],
         pairs,
         viewer,
-        layer_names=[n for n, _ in maps],
+        layer_names=labels,
         title="qkv demo: the Transformer's attention heads (encoder, decoder, cross)",
     )
     files.append(viewer)
