@@ -49,25 +49,27 @@ NAME = "qkv"
 """The ``attn_implementation`` that :func:`register` adds by default."""
 
 
-def register(name: str = NAME, backend: str = "auto") -> str:
+def register(name: str = NAME, backend: str = "auto", **options: Any) -> str:
     """Make ``attn_implementation=name`` available to every ``transformers`` model in this process.
 
     Args:
-        name: the implementation's name (``"qkv"``; register another name to pin a backend).
+        name: the implementation's name (``"qkv"``; register another name to pin a backend or options).
         backend: the qkv backend its layers call: ``"auto"`` (the cheapest that serves each call; see
             :func:`qkv.explain`) or a registered backend's name.
+        **options: backend options passed to every call (``block_q=``, ``block_k=`` for ``tiled``).
 
     Returns:
         ``name``, for ``from_pretrained(..., attn_implementation=register())``.
 
     Raises:
-        ValueError: an empty name, or a backend qkv does not know.
+        ValueError: an empty name or one of HF's own, or a backend qkv does not know.
     """
     if not isinstance(name, str) or not name or name in ("eager", "sdpa"):
         raise ValueError(f"register: name must be a new implementation name, got {name!r}")
     if backend != "auto" and backend not in registered():
         raise ValueError(f"register: unknown backend {backend!r}; choose 'auto' or one of {', '.join(registered())}")
-    fn = functools.partial(attention_forward, backend=backend) if backend != "auto" else attention_forward
+    fn = functools.partial(attention_forward, backend=backend, options=dict(options))
+    functools.update_wrapper(fn, attention_forward)
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, build_mask)
     return name

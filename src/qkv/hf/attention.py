@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import output_capturing as _output_capturing
 
 from ..attention import attention
 from ..masks import Mask, causal, from_dense, sliding_window
@@ -37,12 +38,18 @@ def sinks_to_qkv(s_aux: Tensor) -> dict[str, Any]:
 
 
 def wants_weights(module: nn.Module, kwargs: dict[str, Any]) -> bool:
-    """Whether HF asked this forward for attention weights (``output_attentions`` as an argument of the
-    model call, or set in the model's config)."""
+    """Whether HF asked this forward for attention weights: ``output_attentions`` when the model passed it
+    down to the layer, else whether HF's output recorder (``transformers.utils.output_capturing``, which
+    reads the weights from the attention modules' outputs) is collecting attentions for this call, else
+    the model config's ``output_attentions``."""
     asked = kwargs.get("output_attentions")
-    if asked is None:
-        asked = getattr(getattr(module, "config", None), "output_attentions", False)
-    return bool(asked)
+    if asked is not None:
+        return bool(asked)
+    collector = getattr(_output_capturing, "_active_collector", None)
+    collecting = collector.get() if collector is not None and hasattr(collector, "get") else None
+    if isinstance(collecting, dict):
+        return any(str(key).endswith("attentions") for key in collecting)
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
 def _mask_from_tensor(t: Tensor, query: Tensor) -> tuple[Mask | None, ScoreMod | None]:
@@ -86,6 +93,7 @@ def attention_forward(
     s_aux: Tensor | None = None,
     *,
     backend: str = "auto",
+    options: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """One HF attention layer on :func:`qkv.attention`.
@@ -104,6 +112,7 @@ def attention_forward(
         sliding_window: used only when there is no mask from the builder (the builder's mask holds it).
         s_aux: attention sinks; see :func:`sinks_to_qkv`.
         backend: the qkv backend (``"auto"`` unless registered otherwise).
+        options: backend options for :func:`qkv.attention` (``block_q``, ``block_k``).
         **kwargs: HF's other arguments; ``output_attentions`` asks for the weights. ``position_bias`` is
             refused (not mapped yet); the rest (positions, cache flags, flash-attn's varlen lengths, which
             the builder's mask already holds) are ignored.
@@ -113,7 +122,7 @@ def attention_forward(
         softmax before dropout; a query row that may see no key (a left-padded position) gets zero output
         and zero weights, where HF's ``eager`` spreads it evenly over every key.
     """
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(options or {})
     if s_aux is not None:
         extra.update(sinks_to_qkv(s_aux))
     if kwargs.get("position_bias") is not None:
