@@ -40,6 +40,7 @@ __all__ = [
     "attention_forward",
     "build_mask",
     "from_pretrained",
+    "is_qkv",
     "register",
     "sinks_to_qkv",
     "wants_weights",
@@ -47,6 +48,13 @@ __all__ = [
 
 NAME = "qkv"
 """The ``attn_implementation`` that :func:`register` adds by default."""
+
+_NAMES: set[str] = set()
+
+
+def is_qkv(name: str | None) -> bool:
+    """Whether ``name`` is an ``attn_implementation`` that :func:`register` added in this process."""
+    return name in _NAMES
 
 
 def register(name: str = NAME, backend: str = "auto", **options: Any) -> str:
@@ -72,6 +80,7 @@ def register(name: str = NAME, backend: str = "auto", **options: Any) -> str:
     functools.update_wrapper(fn, attention_forward)
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, build_mask)
+    _NAMES.add(name)
     return name
 
 
