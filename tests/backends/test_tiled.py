@@ -232,6 +232,22 @@ def test_causal_windows_run_as_triangles_without_a_mask(monkeypatch, Lq, window)
     check_backend("tiled", q.double(), k.double(), v.double(), mask=mask)
 
 
+@pytest.mark.parametrize("Lq", [700, 650])
+def test_a_window_narrower_than_the_query_tile_runs_as_band_tiles(Lq):
+    """Hugging Face's ``sliding_window=256`` is ``sliding_window(255)`` here: narrower than the 256-row query
+    tile, so the tile is cut into tiles no taller than the window, still triangles and full runs, no mask."""
+    mask = M.causal() & M.sliding_window(100)
+    tiles = T.plan_tiles(mask, Shape(1, 2, Lq, 700), 256, 128)
+    assert all(t.q1 - t.q0 <= 100 for t in tiles) and tiles[-1].q1 == Lq
+    # no mask anywhere but in the corner that key 0 cuts off the first window
+    assert all(not s.partial or s.tri or s.k0 == 0 for t in tiles for s in t.segments)
+    assert sum(s.partial and not s.tri for t in tiles for s in t.segments) <= 1
+    assert T.plan_tiles(M.causal() & M.sliding_window(20), Shape(1, 2, Lq, 700), 256, 128)[0].q1 == 256
+    torch.manual_seed(Lq)
+    q, k, v = torch.randn(1, 2, Lq, 8), torch.randn(1, 1, 700, 8), torch.randn(1, 1, 700, 8)
+    check_backend("tiled", q, k, v, mask=mask)
+
+
 def test_auto_picks_tiled_where_it_skips_work_or_sdpa_would_not_fit(monkeypatch):
     import qkv.backends.sdpa as sdpa
 
