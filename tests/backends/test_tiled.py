@@ -139,6 +139,24 @@ def test_weights_on_demand_match_reference(score_mod):
     assert w3.shape == (2, 1, 10, 310)
 
 
+def test_weights_of_a_window_are_computed_over_its_keys_only_and_equal_the_reference():
+    """Weights on demand visit only the keys the plan visits for each chunk of rows (zeros elsewhere)."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 700, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 720, 8, dtype=torch.float64)
+    mask = M.causal() & M.sliding_window(90)
+    rows = torch.tensor([650, 3, 400, 699])
+    for kw in ({}, {"weights_rows": rows, "weights_heads": [1]}):
+        got = qkv.attention(q, k, k, mask=mask, backend="tiled", return_weights=True, **kw)[1]
+        ref = qkv.attention(q, k, k, mask=mask, backend="reference", return_weights=True)[1]
+        ref = ref[:, [1]][:, :, rows] if kw else ref
+        torch.testing.assert_close(got, ref)
+        gw = torch.randn_like(got)
+        (g1,) = torch.autograd.grad((got * gw).sum(), q)
+        (g2,) = torch.autograd.grad((ref * gw).sum(), q)
+        torch.testing.assert_close(g1, g2)
+
+
 def test_weights_are_differentiable_like_the_reference():
     torch.manual_seed(0)
     q = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)

@@ -260,9 +260,23 @@ def _heads_index(heads: Any, H: int) -> list[int]:
     return [x % H for x in heads]
 
 
-def _weights(req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, block_q: int) -> Tensor:
-    """Weights ``(B, len(heads), len(rows), Lk)`` recomputed from the row logsumexp, a chunk of rows
-    at a time; differentiable (a plain softmax over the chosen rows) when gradients are on."""
+def _key_ranges(plan: TilePlan, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per query row, the first and one past the last key its tile's segments visit (``lo >= hi``: none).
+    Outside that range every weight of the row is zero, for every batch row and head."""
+    Lq, Lk = plan.shape.Lq, plan.shape.Lk
+    lo = torch.full((Lq,), Lk, dtype=torch.long)
+    hi = torch.zeros(Lq, dtype=torch.long)
+    for t in plan.tiles:
+        if t.segments:
+            lo[t.q0 : t.q1] = min(s.k0 for s in t.segments)
+            hi[t.q0 : t.q1] = max(s.k1 for s in t.segments)
+    return lo.to(device), hi.to(device)
+
+
+def _weights(req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, plan: TilePlan) -> Tensor:
+    """Weights ``(B, len(heads), len(rows), Lk)`` recomputed from the row logsumexp, a chunk of rows at a time
+    and over the keys the plan visits for those rows only (zeros elsewhere); differentiable (a plain softmax
+    over the chosen rows) when gradients are on."""
     heads = _heads_index(req.options.get("weights_heads"), req.H)
     rows = _rows_index(req.options.get("weights_rows"), req.Lq, q.device)
     shape = req.shape
@@ -272,14 +286,18 @@ def _weights(req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, b
     dev = q.device
     b = torch.arange(req.B, device=dev).view(-1, 1, 1, 1)
     h = hq.view(1, -1, 1, 1)
-    ki = torch.arange(req.Lk, device=dev).view(1, 1, 1, -1)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    chunks = []
-    for c0 in range(0, rows.numel(), block_q):
-        r = rows[c0 : c0 + block_q]
+    lo, hi = _key_ranges(plan, dev)
+    out = q.new_zeros(req.B, len(heads), rows.numel(), req.Lk)
+    for c0 in range(0, rows.numel(), plan.block_q):
+        r = rows[c0 : c0 + plan.block_q]
+        k0, k1 = int(lo[r].min()), int(hi[r].max())
+        if k1 <= k0:  # these rows see no key: their weights stay zero
+            continue
         qi = r.view(1, 1, -1, 1)
+        ki = torch.arange(k0, k1, device=dev).view(1, 1, 1, -1)
         qs = q[:, hq][:, :, r]  # (B, nh, nr, D)
-        s = (qs @ k[:, kv_heads].transpose(-1, -2)) * req.scale
+        s = (qs @ k[:, kv_heads, k0:k1].transpose(-1, -2)) * req.scale
         if req.score_mod is not None:
             s = req.score_mod.apply(shape, s, b, h, qi, ki).to(dt).expand(s.shape)
         if req.mask is not None:
@@ -288,14 +306,13 @@ def _weights(req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, b
                 allowed = torch.tensor(bool(allowed), device=dev)
             s = s.masked_fill(~allowed.to(torch.bool), float("-inf"))
         if grad:
+            # a plain softmax over the visited keys: the keys outside them are masked for these rows
             w = safe_softmax(s)
         else:
             ls = lse[:, hq][:, :, r].unsqueeze(-1)
             w = torch.exp(s - torch.where(torch.isneginf(ls), torch.zeros_like(ls), ls))
-        chunks.append(w)
-    if not chunks:
-        return q.new_zeros(req.B, len(heads), 0, req.Lk)
-    return torch.cat(chunks, dim=2)
+        out[:, :, c0 : c0 + r.numel(), k0:k1] = w
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,7 +408,7 @@ class Tiled(Backend):
             out, lse = _eager_forward(q, k, v, req, plan, dt)
         out = out.to(req.dtype)
         if req.return_weights:
-            return out, _weights(req, q, k, lse, dt, plan.block_q).to(req.dtype)
+            return out, _weights(req, q, k, lse, dt, plan).to(req.dtype)
         return out
 
 
