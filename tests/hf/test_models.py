@@ -268,3 +268,22 @@ def test_gemma2_softcap_is_applied():
     real = am.bool()
     assert (on - off)[real].abs().max() > 1e-2
     assert (off - eager_off)[real].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("make", [_llama, _mistral], ids=["llama", "mistral"])
+def test_packed_sequences_from_position_ids(make):
+    """Two sequences packed in one row, told apart by position_ids only (no attention mask, no cache: when
+    HF looks for packed sequences)."""
+    torch.manual_seed(0)
+    model = make().eval()
+    oracle = copy.deepcopy(model).double()
+    ids = torch.randint(3, V, (1, L), generator=torch.Generator().manual_seed(3))
+    pos = torch.cat([torch.arange(5), torch.arange(L - 5)])[None]
+    with torch.no_grad():
+        ref = _run(oracle, "oracle64", ids, None, position_ids=pos, use_cache=False).logits
+        base = _run(model, "eager", ids, None, position_ids=pos, use_cache=False).logits
+        alone = _run(model, "eager", ids[:, 5:], None, use_cache=False).logits  # the second sequence alone
+        assert (base[:, 5:] - alone).abs().max() < 1e-4  # HF separates them
+        for impl in IMPLS:
+            got = _run(model, impl, ids, None, position_ids=pos, use_cache=False).logits
+            _assert_rule(f"packed {impl}", got, base, ref)
