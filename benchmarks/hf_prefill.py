@@ -1,7 +1,13 @@
 """Hugging Face models on ``attn_implementation="qkv"`` against transformers' own implementations (issue 13).
 
     nice -n -19 python benchmarks/hf_prefill.py             # about 2 minutes on 2 idle cores
-    nice -n -19 python benchmarks/hf_prefill.py --threads 1 # on a machine shared with other jobs
+    OMP_WAIT_POLICY=PASSIVE nice -n -19 python benchmarks/hf_prefill.py    # on a machine shared with other jobs
+    nice -n -19 python benchmarks/hf_prefill.py --threads 1
+
+On a machine busier than its cores, OpenMP threads that spin at their barriers (the default) lose their turn to
+other jobs and every parallel op waits for them: one big call (SDPA over a dense mask) hardly notices, a kernel
+made of many small calls (``tiled``'s spans and merges) slows down many times. ``OMP_WAIT_POLICY=PASSIVE`` or one
+thread removes that artefact; the header says which was used.
 
 1. Prefill of a tiny-width Mistral-shaped random model (d=256, 2 layers, 4 query heads and 2 K/V heads of 64,
    sliding window 256), an 8k-token prompt, fp32, CPU, batch 1: "qkv" against "sdpa", the forward of the
@@ -88,7 +94,8 @@ def main() -> int:
     m = model(args.window, max(args.length, args.weights_length) + 16)
     load = os.getloadavg()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load[0]:.1f} at start;"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads,"
+        f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {load[0]:.1f} at start;"
         f" Mistral-shaped d=256, 2 layers, H=4, Hkv=2, head 64, window {args.window}, fp32, B=1\n"
     )
 
