@@ -177,6 +177,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: c.name)
 def case(request):
+    torch.set_num_threads(1)  # as the other model tests: tiny models, and no OpenMP barriers on a busy machine
     torch.manual_seed(0)
     model = request.param.make().eval()
     oracle = copy.deepcopy(model).double()
