@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "qkv.nn": 3,
     "qkv.distributed": 3,
     "qkv.models": 4,
+    "qkv.hf": 4,
     "qkv.analysis": 5,
     "qkv.apps": 6,
     "qkv.cli": 7,

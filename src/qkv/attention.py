@@ -148,9 +148,13 @@ class Explanation:
     """Backends that cannot (or may not) serve the request, with their reasons."""
     costs: dict[str, float] = field(default_factory=dict)
     """Every candidate's estimated seconds (the cheapest is picked)."""
+    mask: str = ""
+    """The mask the request carried, in words (its structure, or the name of a fallback and its reason)."""
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.backend}: {self.reason}"]
+        if self.mask:
+            lines.append(f"  mask: {self.mask}")
         lines += [
             f"  {name}: ~{c * 1e3:.3g} ms estimated" for name, c in sorted(self.costs.items(), key=lambda x: x[1])
         ]
@@ -179,7 +183,7 @@ def explain(
     sentence followed by one line per backend."""
     req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
     c = choose(req)
-    return Explanation(c.backend, c.reason, c.declined, c.costs)
+    return Explanation(c.backend, c.reason, c.declined, c.costs, repr(req.mask) if req.mask is not None else "")
 
 
 def _validate(

@@ -55,6 +55,7 @@ __all__ = [
     "from_fn",
     "full",
     "global_tokens",
+    "left_padding",
     "padding",
     "prefix_lm",
     "random_blocks",
@@ -566,6 +567,65 @@ def padding(kv_lengths: int | Sequence[int] | Tensor, q_lengths: int | Sequence[
     if q_lengths is not None:
         m = m & _KeyBelow(_as_index_tensor(q_lengths, "padding: q_lengths"), "padding: q_lengths", "q_padding", "q")
     return m
+
+
+class _KeyFrom(PositionalMask):
+    """Keys ``j >= start`` (per batch row when ``start`` is a ``(B,)`` tensor); raw key indices. The starts
+    are global positions, so the mask shards as it is."""
+
+    def __init__(self, start: Tensor):
+        self.start = start
+        self.name = "left_padding"
+
+    def cache_key(self) -> Hashable | None:
+        st = _tensor_key(self.start)
+        return None if st is None else ("from", st)
+
+    def check(self, s: Shape) -> None:
+        st = self.start
+        if st.dim() > 1 or (st.dim() == 1 and st.shape[0] not in (1, s.B)):
+            raise ValueError(
+                f"left_padding: starts must be an int or hold one start per batch row: got shape {tuple(st.shape)}"
+                f" for batch size B={s.B}"
+            )
+        if st.numel() and (int(st.min()) < 0 or int(st.max()) > s.Lk):
+            raise ValueError(
+                f"left_padding: starts must lie in [0, {s.Lk}] (Lk={s.Lk}), got values in"
+                f" [{int(st.min())}, {int(st.max())}]"
+            )
+
+    def _start(self, b: Tensor) -> Tensor:
+        st = self.start.to(b.device)
+        if st.dim() == 0:
+            return st
+        return st[0] if st.shape[0] == 1 else st[b]
+
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return (k >= self._start(b)) & torch.ones_like(q + k, dtype=torch.bool)
+
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+        st = self.start.to(qlo.device)
+        if st.dim() == 1:
+            st = st.view(-1, 1, 1, 1)
+        shape_ref = torch.zeros_like(qlo + klo)
+        return ((khi - 1) >= st) | (shape_ref > 0), (klo >= st) | (shape_ref > 0)
+
+    def _to_device(self, device: torch.device) -> None:
+        self.start = self.start.to(device)
+
+
+def left_padding(starts: int | Sequence[int] | Tensor) -> Mask:
+    """Left-padded batches: batch row ``b``'s real keys begin at ``starts[b]`` (keys ``j >= starts[b]``).
+
+    What a decoder's batch looks like when its prompts are padded on the left (Hugging Face's
+    ``generate``): the padding sits before the first real token and stays there while the KV cache
+    grows, so the start, not the length, is what stays fixed. Combine with :func:`causal` (and with
+    :func:`padding` when a row is padded on both sides). Tiles are classified from the starts alone.
+
+    Args:
+        starts: an int, or one start per batch row, shape ``(B,)``; each in ``[0, Lk]`` (``Lk``: no key).
+    """
+    return _KeyFrom(_as_index_tensor(starts, "left_padding: starts"))
 
 
 def prefix_lm(prefix_len: int | Sequence[int] | Tensor) -> Mask:

@@ -7,8 +7,9 @@
 - any module tree that contains ``torch.nn.MultiheadAttention`` (``nn.Transformer*`` layers included): each
   such module is called with ``need_weights=True, average_attn_weights=False`` and PyTorch's fused fast path
   is switched off for the pass;
-- Hugging Face ``transformers`` models: run with ``output_attentions=True, return_dict=True`` (switched to the ``eager``
-  attention implementation for the pass when the model uses another one).
+- Hugging Face ``transformers`` models: run with ``output_attentions=True, return_dict=True``. Models whose attention
+  layers call HF's attention interface (``model.is_backend_compatible()``) run the pass on ``attn_implementation="qkv"``
+  (:mod:`qkv.hf`: qkv's weights on demand, the mask as structure); other models are switched to ``eager`` for the pass.
 """
 
 from __future__ import annotations
@@ -122,12 +123,24 @@ def capture(
     return AttentionMaps(weights=weights, names=names, tokens=toks, attention_mask=mask, output=out)
 
 
+def _weights_implementation(model: nn.Module, current: str | None) -> str | None:
+    """The attention implementation that returns weights for ``model``: the current one when it does (``eager``, a
+    ``qkv.hf`` one), ``"qkv"`` when the model's layers call HF's attention interface, ``"eager"`` otherwise."""
+    compatible = getattr(model, "is_backend_compatible", None)
+    if callable(compatible) and compatible():
+        from ..hf import is_qkv, register
+
+        return current if is_qkv(current) else register()
+    return current if current in (None, "eager") else "eager"
+
+
 def _capture_hf(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[str], list[Tensor], Any]:
     cfg = getattr(model, "config", None)
     before = getattr(cfg, "_attn_implementation", None)
-    switch = before not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    target = _weights_implementation(model, before)
+    switch = target != before and hasattr(model, "set_attn_implementation")
     if switch:
-        model.set_attn_implementation("eager")  # type: ignore[operator]
+        model.set_attn_implementation(target)  # type: ignore[operator]
     try:
         with torch.no_grad():
             out = model(*args, **{**kwargs, "output_attentions": True, "return_dict": True})

@@ -77,7 +77,7 @@ from .kernels import (
 from .plan import Segment, Tile, TilePlan, plan_tiles, tile_plan
 from .registry import register
 from .weights import OPTIONS as WEIGHT_OPTIONS
-from .weights import weights
+from .weights import key_ranges, weights
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "Segment", "Tiled", "merge", "plan_tiles"]
 
@@ -343,7 +343,8 @@ class Tiled(Backend):
             out, lse = _eager_forward(q, k, v, req, plan, dt, sinks)
         out = out.to(req.dtype)
         if req.return_weights:
-            return out, weights(req, q, k, lse, dt, plan.block_q, sinks).to(req.dtype)
+            ranges = key_ranges(plan.tiles, req.Lq, req.Lk, q.device)
+            return out, weights(req, q, k, lse, dt, plan.block_q, sinks, ranges).to(req.dtype)
         return out
 
 

@@ -66,6 +66,19 @@ def heads_index(heads: Any, H: int) -> list[int]:
     return [x % H for x in heads]
 
 
+def key_ranges(tiles: Sequence[Any], Lq: int, Lk: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per query row, the first and one past the last key its tile's segments visit (``lo >= hi``: none),
+    from a :class:`~qkv.backends.plan.TilePlan`'s tiles. Outside that range every weight of the row is
+    zero, for every batch row and head."""
+    lo = torch.full((Lq,), Lk, dtype=torch.long)
+    hi = torch.zeros(Lq, dtype=torch.long)
+    for t in tiles:
+        if t.segments:
+            lo[t.q0 : t.q1] = min(s.k0 for s in t.segments)
+            hi[t.q0 : t.q1] = max(s.k1 for s in t.segments)
+    return lo.to(device), hi.to(device)
+
+
 def weights(
     req: Request,
     q: Tensor,
@@ -74,6 +87,7 @@ def weights(
     dt: torch.dtype,
     block_q: int,
     sinks: Tensor | None = None,
+    ranges: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Weights ``(B, len(heads), len(rows), Lk)`` of the heads and rows the request's options name.
 
@@ -88,6 +102,8 @@ def weights(
         block_q: rows per chunk (memory is ``O(len(heads) · block_q · Lk)`` per chunk).
         sinks: ``(H,)`` sink logits in ``dt`` when the request has them (``lse`` then includes them);
             the weights are over the keys, so a row sums to less than 1.
+        ranges: ``(lo, hi)``, each ``(Lq,)``: the keys ``[lo, hi)`` outside which a row's weights are
+            known to be zero (:func:`key_ranges` of a tile plan); only those are computed.
 
     Returns:
         The weights in ``dt``; rows that see nothing are zeros. Differentiable (a plain softmax over
@@ -102,16 +118,19 @@ def weights(
     dev = q.device
     b = torch.arange(req.B, device=dev).view(-1, 1, 1, 1)
     h = hq.view(1, -1, 1, 1)
-    ki = torch.arange(req.Lk, device=dev).view(1, 1, 1, -1)
     grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or (sinks is not None and sinks.requires_grad)
     )
-    chunks = []
+    out = q.new_zeros(req.B, len(heads), rows.numel(), req.Lk)
     for c0 in range(0, rows.numel(), block_q):
         r = rows[c0 : c0 + block_q]
+        k0, k1 = (int(ranges[0][r].min()), int(ranges[1][r].max())) if ranges is not None else (0, req.Lk)
+        if k1 <= k0:  # these rows see no key: their weights stay zero
+            continue
         qi = r.view(1, 1, -1, 1)
+        ki = torch.arange(k0, k1, device=dev).view(1, 1, 1, -1)
         qs = q[:, hq][:, :, r]  # (B, nh, nr, D)
-        s = (qs @ k[:, kv_heads].transpose(-1, -2)) * req.scale
+        s = (qs @ k[:, kv_heads, k0:k1].transpose(-1, -2)) * req.scale
         if req.score_mod is not None:
             s = req.score_mod.apply(shape, s, b, h, qi, ki).to(dt).expand(s.shape)
         if req.mask is not None:
@@ -119,6 +138,7 @@ def weights(
             if not isinstance(allowed, Tensor):
                 allowed = torch.tensor(bool(allowed), device=dev)
             s = s.masked_fill(~allowed.to(torch.bool), float("-inf"))
+        # a plain softmax over the computed keys is exact: the keys outside them are masked for these rows
         if (grad or lse is None) and sinks is not None:  # the sink's column joins the softmax, then goes
             col = sinks[hq].view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
             w = safe_softmax(torch.cat((s, col), dim=-1))[..., :-1]
@@ -127,7 +147,5 @@ def weights(
         else:
             ls = lse[:, hq][:, :, r].unsqueeze(-1).to(dt)
             w = torch.exp(s - torch.where(torch.isneginf(ls), torch.zeros_like(ls), ls))
-        chunks.append(w)
-    if not chunks:
-        return q.new_zeros(req.B, len(heads), 0, req.Lk)
-    return torch.cat(chunks, dim=2)
+        out[:, :, c0 : c0 + r.numel(), k0:k1] = w
+    return out
