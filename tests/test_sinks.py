@@ -293,3 +293,31 @@ def test_three_dim_inputs_take_sinks_per_head():
     q, k = torch.randn(4, 5, 8), torch.randn(4, 6, 8)
     s = torch.randn(4)
     torch.testing.assert_close(qkv.attention(q, k, k, sinks=s), qkv.attention(q[None], k[None], k[None], sinks=s)[0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(sink_problems(dtypes=[torch.float32, torch.float64]))
+def test_flex_adds_sinks_after_its_kernel(p):
+    """flex (uncompiled, inference): the kernel's logsumexp, then the sink in the denominator."""
+    q, k, v, s, mask = p
+    B, H, Lq, _ = q.shape
+    allowed = dense(mask, B, H, Lq, k.shape[2])
+    with torch.no_grad():
+        got = qkv.attention(q, k, v, mask=mask, sinks=s, backend="flex", compile=False)
+        ref = formula(q.double(), k.double(), v.double(), s.double(), allowed)[0]
+        low = formula(q, k, v, s, allowed, dtype=q.dtype)[0]
+    err, base = (got.double() - ref).abs().max().item(), (low.double() - ref).abs().max().item()
+    assert err <= 2 * base + FLOOR[q.dtype], f"flex sinks ({q.dtype}): error {err:.3g} > 2 x {base:.3g}"
+
+
+def test_flex_weights_with_sinks_and_its_declines():
+    torch.manual_seed(8)
+    q, k, v, s = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8), torch.randn(4)
+    mask = M.causal() & ~M.padding(2)
+    with torch.no_grad():
+        _, w = qkv.attention(q, k, v, mask=mask, sinks=s, return_weights=True, backend="flex", compile=False)
+    torch.testing.assert_close(w.double(), formula(q, k, v, s, dense(mask, 1, 4, 6, 7))[1], atol=1e-6, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="gradients through FlexAttention's logsumexp"):
+        qkv.attention(q.requires_grad_(True), k, v, sinks=s, backend="flex", compile=False)
+    with pytest.raises(NotImplementedError, match="sinks need"):
+        qkv.attention(q.detach(), k, v, sinks=s, backend="flex")  # the compiled CPU kernel gives no logsumexp

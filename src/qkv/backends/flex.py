@@ -60,7 +60,7 @@ from torch import Tensor
 from ..masks import FULL, PARTIAL, Mask, Shape
 from ..scores import ScoreMod
 from .base import Backend, Request
-from .kernels import FUSED_CALL_S, FUSED_FLOPS, compute_dtype
+from .kernels import FUSED_CALL_S, FUSED_FLOPS, compute_dtype, sink_forward
 from .plan import PLANS
 from .registry import register
 from .weights import OPTIONS as WEIGHT_OPTIONS
@@ -414,6 +414,7 @@ class Flex(Backend):
 
     name = "flex"
     options = _OPTIONS
+    takes_sinks = True  # by the logsumexp correction of the kernel core, after the kernel (inference)
 
     def available(self) -> bool:
         return _fa is not None and hasattr(_fa, "BlockMask") and hasattr(_fa.BlockMask, "from_kv_blocks")
@@ -435,6 +436,11 @@ class Flex(Backend):
             return "weights_heads/weights_rows need return_weights=True"
         if lse and req.return_weights:
             return "return_lse and return_weights together: ask for one of them"
+        if req.sinks is not None and req.requires_grad:
+            return (
+                "flex adds sinks by a logsumexp correction after the kernel, and gradients through"
+                " FlexAttention's logsumexp are not taken here; tiled (by the same correction) and sdpa compute them"
+            )
         if req.device.type not in ("cuda", "cpu"):
             return f"qkv runs FlexAttention on CUDA and the CPU, not on {req.device.type}"
         if req.device.type == "cpu" and req.requires_grad:
@@ -452,10 +458,10 @@ class Flex(Backend):
             why = _cpu_compile_blocker()
             if why is not None:
                 return why + "; compile=False runs the uncompiled implementation"
-            if lse:
+            if lse or req.sinks is not None:
                 return (
-                    "the compiled CPU kernel of FlexAttention computes no logsumexp (torch raises);"
-                    " compile=False returns it"
+                    "the compiled CPU kernel of FlexAttention computes no logsumexp (torch raises), which"
+                    f" {'sinks need' if not lse else 'return_lse asks for'}; compile=False returns it"
                 )
         if STATS.compiles >= RECOMPILE_LIMIT and not self.ready(req):
             return (
@@ -483,7 +489,11 @@ class Flex(Backend):
         asks it of every request without building a ``BlockMask``)."""
         mask = None if req.mask is None or req.mask.is_full else _structure(req.mask)
         sm = None if req.score_mod is None else _structure(req.score_mod)
-        lse = _flag(req, "return_lse", False) or (req.return_weights and req.device.type != "cpu")
+        lse = (
+            _flag(req, "return_lse", False)
+            or req.sinks is not None
+            or (req.return_weights and req.device.type != "cpu")
+        )
         dev = req.device
         return (dev.type, dev.index, req.dtype, req.H, req.Hkv, req.D, req.Dv, _block(req), mask, sm, lse)
 
@@ -538,8 +548,10 @@ class Flex(Backend):
             raise NotImplementedError(why)
         plan = plan if isinstance(plan, FlexPlan) else self.plan(req)
         compiled = self.compiled(req)
-        want_lse = _flag(req, "return_lse", False) or (
-            req.return_weights and not (compiled and req.device.type == "cpu")
+        want_lse = (
+            _flag(req, "return_lse", False)
+            or req.sinks is not None
+            or (req.return_weights and not (compiled and req.device.type == "cpu"))
         )
         q, k, v = req.q, req.k, req.v
         if not req.requires_grad:  # FlexAttention refuses CPU inputs that require grad even under no_grad
@@ -563,9 +575,16 @@ class Flex(Backend):
             if grew and KERNELS.ready(key, sig):
                 log.warning("flex: torch.compile compiled again for a kernel qkv took as ready (%s)", sig)
             KERNELS.record(key, sig, grew)
+        sinks = None
+        if req.sinks is not None:  # the sink joins the denominator: out' = out * exp(lse - lse')
+            assert lse is not None
+            acc = torch.promote_types(req.dtype, torch.float32)  # float64 stays float64
+            sinks = req.sinks.to(acc)
+            o_acc, lse = sink_forward(out.to(acc), lse.to(acc), sinks)
+            out = o_acc.to(req.dtype)
         if req.return_weights:
             dt = compute_dtype(req.dtype)
-            w = weights(req, req.q.to(dt), req.k.to(dt), lse, dt, plan.block)
+            w = weights(req, req.q.to(dt), req.k.to(dt), lse, dt, plan.block, None if sinks is None else sinks.to(dt))
             return out, w.to(req.dtype)
         if _flag(req, "return_lse", False):
             assert lse is not None
