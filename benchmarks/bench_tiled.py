@@ -5,11 +5,11 @@ one run, printed met / not met.
     python benchmarks/bench_tiled.py --dtypes bfloat16   # one dtype
     python benchmarks/bench_tiled.py --no-flex           # skip the FlexAttention comparisons
 
-B=1, D=64. Times are medians with the peers timed in turns (``qkv.bench.compare``); "x" figures are
+B=1, D=64. Times are medians with the peers timed in turns (``qkv.apps.bench.compare``); "x" figures are
 the peer's median over tiled's median in the same run (> 1 = tiled faster). "% peak" is tiled's rate
 on the work the mask leaves against this machine's matmul rate in the same dtype, measured at the start
-(``qkv.bench.matmul_peak``). Memory is the peak growth of resident memory during one call
-(``qkv.bench.peak_memory``).
+(``qkv.apps.bench.matmul_peak``). Memory is the peak growth of resident memory during one call
+(``qkv.apps.bench.peak_memory``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from qkv.bench import DTYPES, compare, matmul_peak, measure
+from qkv.apps.bench import DTYPES, compare, matmul_peak, measure
 
 #: per dtype: (dense and causal fwd 4k vs SDPA, window vs compiled Flex, causal fwd+bwd 2k vs SDPA)
 TARGETS = {"float32": (0.9, 1.2, 0.7), "bfloat16": (0.95, 0.8, 0.9), "float16": (0.95, 0.8, 0.9)}

@@ -26,11 +26,9 @@ LAYERS: dict[str, int] = {
     "qkv.nn": 3,
     "qkv.distributed": 3,
     "qkv.models": 4,
+    "qkv.hf": 4,
     "qkv.analysis": 5,
     "qkv.apps": 6,
-    "qkv.bench": 6,
-    "qkv.demo": 6,
-    "qkv.tasks": 6,
     "qkv.cli": 7,
     "qkv": 8,  # the package's __init__: re-exports, imported by nobody inside
 }

@@ -81,6 +81,46 @@ def test_padding_and_global_tokens(data, Lk, bq, bk):
         check_kinds(m, B, 1, Lq, Lk, bq, bk, exact=exact)
 
 
+@given(data=st.data(), Lk=dims, bq=st.integers(1, 5), bk=st.integers(1, 5))
+def test_left_padding_alone_and_with_causal_windows_and_right_padding(data, Lk, bq, bk):
+    B, Lq = 3, data.draw(dims)
+    starts = data.draw(st.lists(st.integers(0, Lk), min_size=B, max_size=B))
+    ends = [data.draw(st.integers(s, Lk)) for s in starts]
+    w = data.draw(st.integers(0, 5))
+    off = Lk - Lq
+    cases = [
+        (M.left_padding(starts), lambda b, h, i, j: j >= starts[b]),
+        (M.left_padding(starts) & M.causal(), lambda b, h, i, j: starts[b] <= j <= i + off),
+        (
+            M.causal() & M.sliding_window(w) & M.left_padding(starts),
+            lambda b, h, i, j: max(starts[b], i + off - w) <= j <= i + off,
+        ),
+        (M.left_padding(starts) & M.padding(ends), lambda b, h, i, j: starts[b] <= j < ends[b]),
+        (M.left_padding(starts[0]), lambda b, h, i, j: j >= starts[0]),
+    ]
+    for n, (m, fn) in enumerate(cases):
+        assert torch.equal(dense(m, B, 1, Lq, Lk), brute(fn, B, 1, Lq, Lk)), m
+        # alone the mask classifies exactly; an intersection of two masks' answers is conservative
+        check_kinds(m, B, 1, Lq, Lk, bq, bk, exact=n in (0, 4))
+
+
+def test_left_padding_classifies_from_its_starts_and_refuses_bad_starts(monkeypatch):
+    m = M.left_padding(torch.tensor([0, 4096, 1 << 19]))
+    monkeypatch.setattr(type(m), "evaluate", lambda *a: (_ for _ in ()).throw(AssertionError("evaluated")))
+    kinds = m.block_kinds(Shape(3, 1, 1 << 20, 1 << 20), 1024, 1024)
+    assert kinds.shape == (3, 1, 1024, 1024)
+    assert [int((kinds[b] == EMPTY).sum()) for b in range(3)] == [0, 4 * 1024, 512 * 1024]
+    assert M.left_padding([1, 2]).cache_key() != M.left_padding([1, 3]).cache_key()
+    assert M.left_padding([1, 2]).cache_key() == M.left_padding(torch.tensor([1, 2])).cache_key()
+    assert M.left_padding([1, 2]).shard_blocker() is None
+    with pytest.raises(ValueError, match=r"starts must lie in \[0, 4\]"):
+        M.left_padding([5]).to_dense(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="one start per batch row"):
+        M.left_padding([1, 2, 3]).to_dense(2, 1, 3, 4)
+    with pytest.raises(TypeError, match="left_padding: starts must hold integers"):
+        M.left_padding(torch.zeros(2))
+
+
 @given(data=st.data(), bq=st.integers(1, 5), bk=st.integers(1, 5))
 def test_document_sorted_ids_classify_exactly(data, bq, bk):
     L = data.draw(st.integers(1, 16))

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
+import torch
 from torch import Tensor
 
 from .backends import Request
@@ -26,6 +27,7 @@ def attention(
     score_mod: ScoreMod | ScoreModFn | None = ...,
     scale: float | None = ...,
     dropout_p: float = ...,
+    sinks: Tensor | None = ...,
     backend: str = ...,
     return_weights: Literal[False] = ...,
     **options: Any,
@@ -42,6 +44,7 @@ def attention(
     score_mod: ScoreMod | ScoreModFn | None = ...,
     scale: float | None = ...,
     dropout_p: float = ...,
+    sinks: Tensor | None = ...,
     backend: str = ...,
     return_weights: Literal[True],
     **options: Any,
@@ -57,6 +60,7 @@ def attention(
     score_mod: ScoreMod | ScoreModFn | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    sinks: Tensor | None = None,
     backend: str = "auto",
     return_weights: bool = False,
     **options: Any,
@@ -81,6 +85,13 @@ def attention(
         scale: multiplies ``q kᵀ``; defaults to ``1 / sqrt(D)``.
         dropout_p: dropout on the attention weights, in ``[0, 1)``; applied whenever it is > 0
             (pass 0 at evaluation time, as with ``F.scaled_dot_product_attention``).
+        sinks: attention sinks as gpt-oss learns them: ``(H,)``, one logit ``s_h`` per query head
+            that joins the softmax denominator, ``softmax([q kᵀ · scale, s_h])`` with the sink's
+            column dropped, so a row's weights sum to less than 1 and a head can attend to "nothing".
+            Gradients flow into it. A row that may attend to no key puts all its weight on the sink:
+            its output is 0. ``s_h = -inf`` is no sink for head ``h``. Served by ``reference``,
+            ``sdpa`` and ``tiled``; other backends decline it. Same device as ``q``; dtype that of
+            ``q`` or float32.
         backend: ``"auto"`` (the fastest backend that supports the request; see
             :func:`explain`) or one of ``qkv.BACKENDS``.
         return_weights: also return the attention weights ``(B, H, Lq, Lk)``.
@@ -88,8 +99,8 @@ def attention(
 
     Returns:
         ``out (B, H, Lq, Dv)`` in the dtype of ``q``, and with ``return_weights`` the weights
-        ``(B, H, Lq, Lk)``. A query that may attend to nothing gets zeros (and zero gradient),
-        never NaN. Half and bfloat16 inputs accumulate in float32.
+        ``(B, H, Lq, Lk)`` (over the keys: with ``sinks`` a row sums to less than 1). A query that
+        may attend to nothing gets zeros (and zero gradient), never NaN. Half and bfloat16 inputs accumulate in float32.
 
     Raises:
         TypeError: inputs that are not floating-point tensors of one dtype, a mask or score mod of
@@ -99,7 +110,7 @@ def attention(
         NotImplementedError: a named backend that cannot serve this request (the message says why
             and which backend can).
     """
-    req, squeeze = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options)
+    req, squeeze = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
     impl, plan = resolve(req, backend)
     result = _edge_case(req) if req.Lq == 0 or req.Lk == 0 else impl.run(req, plan)
     if squeeze:
@@ -120,6 +131,8 @@ def _edge_case(req: Request) -> Tensor | tuple[Tensor, Tensor]:
     out = req.q.new_zeros(req.B, req.H, req.Lq, req.Dv)
     if req.requires_grad:  # keep the graph connected so backward() works and gives zero gradients
         out = out + 0.0 * (req.q.sum() + req.k.sum() + req.v.sum())
+        if req.sinks is not None:  # no key: every row's weight is on its sink, whose value is 0
+            out = out + 0.0 * torch.nan_to_num(req.sinks, neginf=0.0).sum()
     if req.return_weights:
         return out, req.q.new_zeros(req.B, req.H, req.Lq, req.Lk)
     return out
@@ -135,9 +148,13 @@ class Explanation:
     """Backends that cannot (or may not) serve the request, with their reasons."""
     costs: dict[str, float] = field(default_factory=dict)
     """Every candidate's estimated seconds (the cheapest is picked)."""
+    mask: str = ""
+    """The mask the request carried, in words (its structure, or the name of a fallback and its reason)."""
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.backend}: {self.reason}"]
+        if self.mask:
+            lines.append(f"  mask: {self.mask}")
         lines += [
             f"  {name}: ~{c * 1e3:.3g} ms estimated" for name, c in sorted(self.costs.items(), key=lambda x: x[1])
         ]
@@ -154,6 +171,7 @@ def explain(
     score_mod: ScoreMod | ScoreModFn | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    sinks: Tensor | None = None,
     return_weights: bool = False,
     **options: Any,
 ) -> Explanation:
@@ -163,9 +181,9 @@ def explain(
     computes nothing. Every backend that could serve the request gives its estimated cost (the
     cheapest is picked); every other backend gives its reason. ``str()`` of the result reads as a
     sentence followed by one line per backend."""
-    req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options)
+    req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
     c = choose(req)
-    return Explanation(c.backend, c.reason, c.declined, c.costs)
+    return Explanation(c.backend, c.reason, c.declined, c.costs, repr(req.mask) if req.mask is not None else "")
 
 
 def _validate(
@@ -178,6 +196,7 @@ def _validate(
     dropout_p: Any,
     return_weights: Any,
     options: dict[str, Any],
+    sinks: Any = None,
 ) -> tuple[Request, int]:
     """Check every argument once; return the 4-D request and how many leading dims were added."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -220,11 +239,28 @@ def _validate(
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if not isinstance(return_weights, bool):
         raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    if sinks is not None:
+        _check_sinks(sinks, q)
     m = as_mask(mask)
     sm = as_score_mod(score_mod)
-    req = Request(q, k, v, m, sm, float(scale), float(dropout_p), return_weights, dict(options))
+    req = Request(q, k, v, m, sm, float(scale), float(dropout_p), return_weights, dict(options), sinks)
     if m is not None:
         m.check(req.shape)
     if sm is not None:
         sm.check(req.shape)
     return req, squeeze
+
+
+def _check_sinks(sinks: Any, q: Tensor) -> None:
+    """``sinks`` must be a floating-point ``(H,)`` tensor on ``q``'s device, in ``q``'s dtype or float32."""
+    if not isinstance(sinks, Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor of shape (H,), got {type(sinks).__name__}")
+    if sinks.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"sinks must have the dtype of q ({q.dtype}) or float32, got {sinks.dtype}")
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(
+            f"sinks must be (H,) = ({q.shape[1]},), one logit per query head, got shape {tuple(sinks.shape)}"
+            f" for q {tuple(q.shape)}"
+        )
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on the device of q ({q.device}), got {sinks.device}")

@@ -55,6 +55,7 @@ __all__ = [
     "from_fn",
     "full",
     "global_tokens",
+    "left_padding",
     "padding",
     "prefix_lm",
     "random_blocks",
@@ -226,6 +227,13 @@ class Mask:
         self.check(s)
         self._to_device(dev)
         return create_block_mask(self.mask_mod(Lq, Lk, B, H), B, H, Lq, Lk, device=str(dev), BLOCK_SIZE=BLOCK_SIZE)
+
+    def to(self, device: torch.device | str) -> Mask:
+        """Move the tensors this mask holds (ids, lengths, layouts) to ``device`` in place, as
+        ``nn.Module.to`` does, and return the mask. Kernels that capture them (a compiled
+        FlexAttention ``mask_mod``) need them on the device of the queries; evaluating works anywhere."""
+        self._to_device(torch.device(device))
+        return self
 
     def _to_device(self, device: torch.device) -> None:
         """Move tensors the mask holds (ids, lengths, layouts) to ``device``; default: nothing."""
@@ -561,6 +569,65 @@ def padding(kv_lengths: int | Sequence[int] | Tensor, q_lengths: int | Sequence[
     return m
 
 
+class _KeyFrom(PositionalMask):
+    """Keys ``j >= start`` (per batch row when ``start`` is a ``(B,)`` tensor); raw key indices. The starts
+    are global positions, so the mask shards as it is."""
+
+    def __init__(self, start: Tensor):
+        self.start = start
+        self.name = "left_padding"
+
+    def cache_key(self) -> Hashable | None:
+        st = _tensor_key(self.start)
+        return None if st is None else ("from", st)
+
+    def check(self, s: Shape) -> None:
+        st = self.start
+        if st.dim() > 1 or (st.dim() == 1 and st.shape[0] not in (1, s.B)):
+            raise ValueError(
+                f"left_padding: starts must be an int or hold one start per batch row: got shape {tuple(st.shape)}"
+                f" for batch size B={s.B}"
+            )
+        if st.numel() and (int(st.min()) < 0 or int(st.max()) > s.Lk):
+            raise ValueError(
+                f"left_padding: starts must lie in [0, {s.Lk}] (Lk={s.Lk}), got values in"
+                f" [{int(st.min())}, {int(st.max())}]"
+            )
+
+    def _start(self, b: Tensor) -> Tensor:
+        st = self.start.to(b.device)
+        if st.dim() == 0:
+            return st
+        return st[0] if st.shape[0] == 1 else st[b]
+
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return (k >= self._start(b)) & torch.ones_like(q + k, dtype=torch.bool)
+
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+        st = self.start.to(qlo.device)
+        if st.dim() == 1:
+            st = st.view(-1, 1, 1, 1)
+        shape_ref = torch.zeros_like(qlo + klo)
+        return ((khi - 1) >= st) | (shape_ref > 0), (klo >= st) | (shape_ref > 0)
+
+    def _to_device(self, device: torch.device) -> None:
+        self.start = self.start.to(device)
+
+
+def left_padding(starts: int | Sequence[int] | Tensor) -> Mask:
+    """Left-padded batches: batch row ``b``'s real keys begin at ``starts[b]`` (keys ``j >= starts[b]``).
+
+    What a decoder's batch looks like when its prompts are padded on the left (Hugging Face's
+    ``generate``): the padding sits before the first real token and stays there while the KV cache
+    grows, so the start, not the length, is what stays fixed. Combine with :func:`causal` (and with
+    :func:`padding` when a row is padded on both sides). Tiles are classified from the starts alone.
+
+    Args:
+        starts: an int, or one start per batch row, shape ``(B,)``; each in ``[0, Lk]`` (``Lk``: no key).
+    """
+    return _KeyFrom(_as_index_tensor(starts, "left_padding: starts"))
+
+
 def prefix_lm(prefix_len: int | Sequence[int] | Tensor) -> Mask:
     """Prefix LM (T5, UniLM): every query sees the first ``prefix_len`` keys, and the rest causally.
 
@@ -823,14 +890,18 @@ class _BlockSparse(Mask):
     def __init__(self, layout: Tensor, block_q: int, block_k: int, name: str = "block_sparse"):
         self.layout, self.block_q, self.block_k, self.name = layout, block_q, block_k, name
 
-    def _layout4(self, device: torch.device) -> Tensor:
-        lay = self.layout.to(device)
+    def _layout_at(self, s: Shape) -> Tensor:
+        """The layout for a problem of shape ``s`` (read only: evaluated inside FlexAttention's trace)."""
+        return self.layout
+
+    def _layout4(self, device: torch.device, s: Shape) -> Tensor:
+        lay = self._layout_at(s).to(device)
         while lay.dim() < 4:
             lay = lay.unsqueeze(0)
         return lay
 
     def check(self, s: Shape) -> None:
-        lay = self._layout4(torch.device("cpu"))
+        lay = self._layout4(torch.device("cpu"), s)
         need = (math.ceil(s.Lq / self.block_q), math.ceil(s.Lk / self.block_k))
         if tuple(lay.shape[-2:]) != need or lay.shape[0] not in (1, s.B) or lay.shape[1] not in (1, s.H):
             raise ValueError(
@@ -840,13 +911,13 @@ class _BlockSparse(Mask):
             )
 
     def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        lay = self._layout4(q.device)
+        lay = self._layout4(q.device, s)
         bb = b if lay.shape[0] > 1 else torch.zeros_like(b)
         hh = h if lay.shape[1] > 1 else torch.zeros_like(h)
         return lay[bb, hh, q // self.block_q, k // self.block_k]
 
     def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        lay = self._layout4(qlo.device).long()
+        lay = self._layout4(qlo.device, s).long()
         # 2-D prefix sums over the layout count true blocks in any rectangle of blocks
         P = torch.nn.functional.pad(lay.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
         r0, r1 = qlo // self.block_q, (qhi - 1) // self.block_q + 1  # (nq, 1)
@@ -911,13 +982,12 @@ class _RandomBlocks(_BlockSparse):
     def cache_key(self) -> Hashable | None:
         return ("random_blocks", self.num_blocks, self.block_q, self.seed)
 
-    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        self.layout = self._layout_for(s)
-        return super().evaluate(s, b, h, q, k)
+    def _layout_at(self, s: Shape) -> Tensor:
+        return self._layout_for(s)
 
-    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        self.layout = self._layout_for(s)
-        return super().bounds(s, qlo, qhi, klo, khi)
+    def _to_device(self, device: torch.device) -> None:
+        super()._to_device(device)
+        self._cache = {key: lay.to(device) for key, lay in self._cache.items()}
 
 
 def random_blocks(num_blocks: int, block_size: int, seed: int = 0) -> Mask:

@@ -66,6 +66,13 @@ class ScoreMod:
 
         return mod
 
+    def to(self, device: torch.device | str) -> ScoreMod:
+        """Move the constant tensors this score mod holds (ALiBi's slopes) to ``device`` in place and
+        return it; tensors the caller passed in (a learned bias) stay where the caller keeps them.
+        Kernels that capture them (a compiled FlexAttention ``score_mod``) need them on the device
+        of the queries."""
+        return self
+
     def then(self, other: ScoreMod | ScoreModFn) -> ScoreMod:
         """This score mod, then ``other``."""
         return _Compose(self, _need(other))
@@ -88,6 +95,11 @@ class _Compose(ScoreMod):
     def check(self, s: Shape) -> None:
         for m in self.mods:
             m.check(s)
+
+    def to(self, device: torch.device | str) -> ScoreMod:
+        for m in self.mods:
+            m.to(device)
+        return self
 
     def additive_bias(self, s: Shape) -> Tensor | None:
         total: Tensor | None = None
@@ -152,6 +164,10 @@ class _Alibi(_Additive):
         self.slopes = alibi_slopes(num_heads)
         self.symmetric = symmetric
         self.name = f"alibi({num_heads})"
+
+    def to(self, device: torch.device | str) -> ScoreMod:
+        self.slopes = self.slopes.to(device)
+        return self
 
     def check(self, s: Shape) -> None:
         if s.H != self.slopes.numel():

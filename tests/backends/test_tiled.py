@@ -153,6 +153,24 @@ def test_weights_on_demand_match_reference(score_mod):
     assert w3.shape == (2, 1, 10, 310)
 
 
+def test_weights_of_a_window_are_computed_over_its_keys_only_and_equal_the_reference():
+    """Weights on demand visit only the keys the plan visits for each chunk of rows (zeros elsewhere)."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 700, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 720, 8, dtype=torch.float64)
+    mask = M.causal() & M.sliding_window(90)
+    rows = torch.tensor([650, 3, 400, 699])
+    for kw in ({}, {"weights_rows": rows, "weights_heads": [1]}):
+        got = qkv.attention(q, k, k, mask=mask, backend="tiled", return_weights=True, **kw)[1]
+        ref = qkv.attention(q, k, k, mask=mask, backend="reference", return_weights=True)[1]
+        ref = ref[:, [1]][:, :, rows] if kw else ref
+        torch.testing.assert_close(got, ref)
+        gw = torch.randn_like(got)
+        (g1,) = torch.autograd.grad((got * gw).sum(), q)
+        (g2,) = torch.autograd.grad((ref * gw).sum(), q)
+        torch.testing.assert_close(g1, g2)
+
+
 def test_weights_are_differentiable_like_the_reference():
     torch.manual_seed(0)
     q = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
@@ -244,6 +262,22 @@ def test_causal_windows_run_as_triangles_without_a_mask(monkeypatch, Lq, window)
     q, k, v = torch.randn(2, 2, Lq, 8), torch.randn(2, 1, Lk, 8), torch.randn(2, 1, Lk, 8)
     check_backend("tiled", q, k, v, mask=mask)
     check_backend("tiled", q.double(), k.double(), v.double(), mask=mask)
+
+
+@pytest.mark.parametrize("Lq", [700, 650])
+def test_a_window_narrower_than_the_query_tile_runs_as_band_tiles(Lq):
+    """Hugging Face's ``sliding_window=256`` is ``sliding_window(255)`` here: narrower than the 256-row query
+    tile, so the tile is cut into tiles no taller than the window, still triangles and full runs, no mask."""
+    mask = M.causal() & M.sliding_window(100)
+    tiles = T.plan_tiles(mask, Shape(1, 2, Lq, 700), 256, 128)
+    assert all(t.q1 - t.q0 <= 100 for t in tiles) and tiles[-1].q1 == Lq
+    # no mask anywhere but in the corner that key 0 cuts off the first window
+    assert all(not s.partial or s.tri or s.k0 == 0 for t in tiles for s in t.segments)
+    assert sum(s.partial and not s.tri for t in tiles for s in t.segments) <= 1
+    assert T.plan_tiles(M.causal() & M.sliding_window(20), Shape(1, 2, Lq, 700), 256, 128)[0].q1 == 256
+    torch.manual_seed(Lq)
+    q, k, v = torch.randn(1, 2, Lq, 8), torch.randn(1, 1, 700, 8), torch.randn(1, 1, 700, 8)
+    check_backend("tiled", q, k, v, mask=mask)
 
 
 def test_auto_picks_tiled_where_it_skips_work_or_sdpa_would_not_fit(monkeypatch):

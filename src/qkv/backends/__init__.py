@@ -12,6 +12,6 @@ from .registry import available, get, register, registered, unregister
 
 # isort: split
 # registration, in the order explain lists them: exact, approximations, sequence-parallel
-from . import linear, nystrom, performer, reference, ring, sdpa, tiled, ulysses  # noqa: E402,F401  # noqa: E402,F401  # noqa: E402,F401
+from . import flex, linear, nystrom, performer, reference, ring, sdpa, tiled, ulysses  # noqa: E402,F401
 
 __all__ = ["Backend", "Request", "available", "get", "register", "registered", "unregister"]

@@ -17,7 +17,9 @@ from ..scores import ScoreMod
 class Request:
     """One validated call of :func:`qkv.attention`, in 4-D layout.
 
-    ``q (B, H, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``; ``H % Hkv == 0``.
+    ``q (B, H, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``; ``H % Hkv == 0``. ``sinks``:
+    ``None`` or ``(H,)``, one logit per query head that joins the softmax denominator (served only by
+    backends with :attr:`Backend.takes_sinks`).
     """
 
     q: Tensor
@@ -29,6 +31,7 @@ class Request:
     dropout_p: float
     return_weights: bool
     options: dict[str, Any] = field(default_factory=dict)
+    sinks: Tensor | None = None
 
     @property
     def B(self) -> int:
@@ -82,7 +85,8 @@ class Request:
 
     @property
     def requires_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        ts = (self.q, self.k, self.v) if self.sinks is None else (self.q, self.k, self.v, self.sinks)
+        return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
 class Backend:
@@ -104,6 +108,12 @@ class Backend:
     #: whether ``auto`` may pick it (False for approximations, and for backends whose inputs mean
     #: something else, such as ring attention's local shards)
     automatic: bool = True
+    #: whether it computes the softmax of the exact scores (False for approximations: they have no
+    #: scores for a hook to read)
+    exact: bool = True
+    #: whether :meth:`run` honours ``req.sinks``; a backend that does not is never handed a request
+    #: with sinks (the policy declines it with a reason, see :func:`unsupported`)
+    takes_sinks: bool = False
 
     def available(self) -> bool:
         """Whether this backend can run on this machine at all (installed packages, devices)."""
@@ -111,6 +121,12 @@ class Backend:
 
     def supports(self, req: Request) -> str | None:
         """``None`` if this backend can compute ``req``; otherwise the reason it cannot, in words."""
+        return None
+
+    def auto_blocker(self, req: Request) -> str | None:
+        """``None`` when ``auto`` may pick this backend for ``req`` (which it :meth:`supports`); otherwise
+        why only a caller who names it may (say, it would first compile for tens of seconds). Default:
+        ``None``."""
         return None
 
     def plan(self, req: Request) -> Any:
@@ -137,3 +153,12 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
+
+
+def unsupported(backend: Backend, req: Request) -> str | None:
+    """Why ``backend`` cannot serve ``req`` because of a part of the request it does not declare it
+    takes (attention sinks), or ``None``. The policy asks this before :meth:`Backend.supports`, so a
+    backend written before a feature existed, or registered from outside, never ignores it silently."""
+    if req.sinks is not None and not backend.takes_sinks:
+        return f"{backend.name} does not take attention sinks"
+    return None

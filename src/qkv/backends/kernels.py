@@ -23,7 +23,9 @@ backward accumulates ``dK``/``dV`` in the low dtype, once per block of 64 or 256
 query head of a group; :func:`span_backward` bounds that to :data:`BWD_ROWS` rows and one head per call
 and adds the calls' results in float32 (see its docstring).
 
-The compute dtype rule (:func:`compute_dtype`) and the one safe softmax (:func:`safe_softmax`) live here.
+The compute dtype rule (:func:`compute_dtype`) and the one safe softmax (:func:`safe_softmax`) live here,
+and the attention-sink correction (:func:`sink_forward`, :func:`sink_backward`): a learned logit per head
+that joins the softmax denominator, applied to a finished ``(out, lse)`` with no extra key materialised.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ __all__ = [
     "merge",
     "merge_into",
     "safe_softmax",
+    "sink_backward",
+    "sink_forward",
     "span_backward",
     "span_forward",
 ]
@@ -236,10 +240,11 @@ def _pad_dv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """``q kᵀ · scale`` ``(B, H, m, n)`` with grouped-query heads sharing K (no copy)."""
+    """``q kᵀ · scale`` ``(B, H, m, n)`` with grouped-query heads sharing K (no copy of K: the query rows
+    of a group are stacked, ``(B, Hkv, G·m, D) @ Kᵀ``)."""
     B, H, m, D = q.shape
     Hkv = k.shape[1]
-    s = q.reshape(B, Hkv, H // Hkv, m, D) @ k.unsqueeze(2).transpose(-1, -2)
+    s = q.reshape(B, Hkv, H // Hkv * m, D) @ k.transpose(-1, -2)
     return s.reshape(B, H, m, k.shape[2]) * scale
 
 
@@ -247,7 +252,7 @@ def weighted_values(p: Tensor, v: Tensor) -> Tensor:
     """``p v`` ``(B, H, m, Dv)`` for weights ``p (B, H, m, n)`` and grouped-query values ``v (B, Hkv, n, Dv)``."""
     B, H, m, n = p.shape
     Hkv = v.shape[1]
-    return (p.reshape(B, Hkv, H // Hkv, m, n) @ v.unsqueeze(2)).reshape(B, H, m, v.shape[-1])
+    return (p.reshape(B, Hkv, H // Hkv * m, n) @ v).reshape(B, H, m, v.shape[-1])
 
 
 def span_forward(
@@ -344,11 +349,12 @@ def span_backward(
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.exp(s - lse.unsqueeze(-1))  # (B, H, m, n)
     delta = (dout * out).sum(-1, keepdim=True)
-    dv = (p.transpose(-1, -2).reshape(B, Hkv, G, -1, m) @ dout.reshape(B, Hkv, G, m, -1)).sum(2)
+    rows = (B, Hkv, G * m)  # a group's query rows stacked: the sums over its heads are one matmul
+    dv = p.reshape(*rows, -1).transpose(-1, -2) @ dout.reshape(*rows, -1)
     dp = weighted_values(dout, v.transpose(-1, -2))  # dO Vᵀ: (B, H, m, n)
     ds = p * (dp - delta) * scale
     dq = weighted_values(ds, k)
-    dk = (ds.transpose(-1, -2).reshape(B, Hkv, G, -1, m) @ q.reshape(B, Hkv, G, m, -1)).sum(2)
+    dk = ds.reshape(*rows, -1).transpose(-1, -2) @ q.reshape(*rows, -1)
     return dq, dk, dv
 
 
@@ -598,3 +604,55 @@ def band_backward(
         if hk != Hkv:
             acc = acc.view(B, Hkv, G, (n + m) * rows, width).sum(2)
         dst[:, :, keys] += acc[..., :d]
+
+
+# ------------------------------------------------------------------------------------------------
+# attention sinks: one logit per query head in the softmax denominator (gpt-oss)
+
+
+def sink_forward(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Add a sink to a finished result: the softmax over ``[scores, s_h]`` with the sink's column dropped.
+
+    The sink is a key with logit ``s_h`` and a zero value vector, so it only enlarges the denominator:
+    ``lse' = logaddexp(lse, s_h)`` and ``out' = out * exp(lse - lse')``.
+
+    Args:
+        out: ``(B, H, L, Dv)`` attention output over all the keys (rows that saw no key: zeros).
+        lse: ``(B, H, L)`` its row logsumexp (``-inf`` for rows that saw no key).
+        sinks: ``(H,)`` one logit per query head, in the dtype of ``lse`` (``-inf``: no sink).
+
+    Returns:
+        ``(out', lse')``, ``out'`` in the dtype of ``out`` (for float16/bfloat16 the correction is computed
+        in the float32 of ``lse`` and rounded once), ``lse'`` in that of ``lse``. A row that saw no key gets ``out' = 0`` and ``lse' = s_h`` (its whole weight
+        is on the sink); with ``s_h = -inf`` as well, ``lse' = -inf``. Differentiable in ``out``,
+        ``lse`` and ``sinks`` (the eager engine uses autograd); the fused engine calls it without
+        autograd and takes its gradients from :func:`span_backward` and :func:`sink_backward`.
+    """
+    if sinks.shape != (out.shape[1],) or lse.shape != out.shape[:-1]:
+        raise ValueError(
+            f"sink_forward: out {tuple(out.shape)}, lse {tuple(lse.shape)} and sinks {tuple(sinks.shape)} must be"
+            " (B, H, L, Dv), (B, H, L) and (H,)"
+        )
+    s = sinks.view(1, -1, 1)
+    m = _finite_or_zero(torch.maximum(lse, s).detach())
+    e_out, e_sink = torch.exp(lse - m), torch.exp(s - m)
+    tot = e_out + e_sink
+    dead = tot == 0
+    safe = torch.where(dead, torch.ones_like(tot), tot)
+    new_lse = torch.where(dead, torch.full_like(tot, float("-inf")), m + torch.log(safe))
+    return (out * (e_out / safe).unsqueeze(-1)).to(out.dtype), new_lse
+
+
+def sink_backward(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """Gradient ``(H,)`` of the sink logits, given the FINAL output ``out (B, H, L, Dv)`` (after
+    :func:`sink_forward`), its gradient ``dout`` and the final logsumexp ``lse (B, H, L)``.
+
+    The sink is one more column of the softmax with a zero value, so ``dP_sink = 0`` and
+    ``dS_sink = P_sink (0 - rowsum(dO * O))``: ``ds_h = -sum over batch and rows of
+    exp(s_h - lse') * rowsum(dO' * O')``. The keys' gradients are :func:`span_backward`'s, given the
+    same final ``out`` and ``lse``. ``rowsum(dO' * O')`` is taken in the dtype of ``lse`` (float32 for
+    float16/bfloat16 ``out``, as flash-attn's backward does); the gradient comes in that of ``sinks``."""
+    s = sinks.view(1, -1, 1)
+    p = torch.where(torch.isfinite(lse), torch.exp(s - _finite_or_zero(lse)), torch.zeros_like(lse))
+    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    return -(p * delta).sum(dim=(0, 2))

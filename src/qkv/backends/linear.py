@@ -138,6 +138,7 @@ class Linear(Backend):
     name = "linear"
     options = frozenset({"chunk_size"})
     automatic = False  # an approximation: only when asked for by name
+    exact = False
 
     def supports(self, req: Request) -> str | None:
         return decline_reason(req, "linear attention")

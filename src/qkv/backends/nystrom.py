@@ -65,6 +65,7 @@ class Nystrom(Backend):
     name = "nystrom"
     options = frozenset({"num_landmarks", "pinv_iterations", "pinv"})
     automatic = False  # an approximation: only when asked for by name
+    exact = False
 
     def supports(self, req: Request) -> str | None:
         if is_causal_mask(req.mask) is not False:

@@ -101,6 +101,7 @@ class Performer(Backend):
     name = "performer"
     options = frozenset({"num_features", "seed", "generator", "projection", "orthogonal", "chunk_size"})
     automatic = False  # an approximation: only when asked for by name
+    exact = False
 
     def supports(self, req: Request) -> str | None:
         return decline_reason(req, "Performer attention")

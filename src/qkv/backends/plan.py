@@ -248,7 +248,8 @@ def block_codes(mask: Mask, shape: Shape, block_q: int, block_k: int) -> Tensor:
 def _band_tile(q0: int, q1: int, W: int, shape: Shape) -> Tile | None:
     """Query rows ``[q0, q1)`` of a causal window ``W`` as triangles and a full run (no mask at all):
     keys ``[p0 - W, p0 - W + t)`` upper triangle, ``[p0 - W + t, p0)`` full, ``[p0, p0 + t)`` lower
-    triangle, where ``p0 = q0 + Lk - Lq`` and ``t = q1 - q0``. None where that layout does not apply."""
+    triangle, where ``p0 = q0 + Lk - Lq`` and ``t = q1 - q0`` (where key 0 cuts the upper triangle, the
+    cut corner is a partial segment). None where that layout does not apply."""
     t = q1 - q0
     p0 = q0 + shape.offset
     if p0 < 0 or p0 + t > shape.Lk:
@@ -256,12 +257,37 @@ def _band_tile(q0: int, q1: int, W: int, shape: Shape) -> Tile | None:
     diag = Segment(p0, p0 + t, True, "lower")
     if W >= p0 + t:  # plain causal reach: everything before the diagonal is full
         return Tile(q0, q1, ((Segment(0, p0, False),) if p0 else ()) + (diag,))
-    if t > W or p0 - W < 0:
+    if t > W:
         return None
+    if p0 - W < 0:  # the window's far edge is cut off by key 0: that corner with the mask on the tile
+        e = p0 - W + t
+        return Tile(q0, q1, (Segment(0, e, True), *((Segment(e, p0, False),) if p0 > e else ()), diag))
     segs = [Segment(p0 - W, p0 - W + t, True, "upper")]
     if W > t:
         segs.append(Segment(p0 - W + t, p0, False))
     return Tile(q0, q1, (*segs, diag))
+
+
+MIN_BAND = 64
+"""A causal window at least this wide but narrower than the query tile is planned in query tiles no taller
+than the window (triangles and full runs, no mask); narrower windows keep one partial segment per tile."""
+
+
+def _band_tiles(q0: int, q1: int, W: int, shape: Shape) -> list[Tile] | None:
+    """Query rows ``[q0, q1)`` of a causal window ``W`` as band tiles (:func:`_band_tile`), cut into tiles no
+    taller than ``W`` when the window is narrower than the rows. None where that layout does not apply."""
+    one = _band_tile(q0, q1, W, shape)
+    if one is not None:
+        return [one]
+    if W < MIN_BAND or q1 - q0 <= W:
+        return None
+    out = []
+    for a in range(q0, q1, W):
+        t = _band_tile(a, min(a + W, q1), W, shape)
+        if t is None:
+            return None
+        out.append(t)
+    return out
 
 
 def _causal_reach(mask: Mask) -> int | None:
@@ -315,11 +341,11 @@ def plan_tiles(mask: Mask | None, shape: Shape, block_q: int, block_k: int, code
         return [Tile(0, shape.Lq, (Segment(0, shape.Lk, False),))]
     reach = _causal_reach(mask)
     code = (codes if codes is not None else block_codes(mask, shape, block_q, block_k)).tolist()
-    tiles = []
+    tiles: list[Tile] = []
     for i, row in enumerate(code):
         q0, q1 = i * block_q, min((i + 1) * block_q, shape.Lq)
-        band = _band_tile(q0, q1, reach, shape) if reach is not None else None
-        tiles.append(band if band is not None else Tile(q0, q1, _segments(row, block_k, shape.Lk)))
+        band = _band_tiles(q0, q1, reach, shape) if reach is not None else None
+        tiles.extend(band if band is not None else [Tile(q0, q1, _segments(row, block_k, shape.Lk))])
     return tiles
 
 

@@ -1,7 +1,8 @@
 """``auto``: the cheapest backend that supports a request. It names no backend.
 
 Every registered backend that is available here, may be picked automatically (``Backend.automatic``)
-and takes the request's options is asked :meth:`~qkv.backends.Backend.supports`; those that can serve
+and takes the request's options is asked :meth:`~qkv.backends.Backend.supports` (and
+:meth:`~qkv.backends.Backend.auto_blocker`, whether ``auto`` may pick it unasked); those that can serve
 the request are asked their :meth:`~qkv.backends.Backend.cost` (estimated seconds, from measured
 constants), and the cheapest runs with the plan it made. :class:`Choice` keeps every candidate's cost
 and every other backend's reason, which :func:`qkv.explain` prints.
@@ -13,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import Backend, Request
+from .base import Backend, Request, unsupported
 from .registry import get, registered
 
 __all__ = ["Choice", "candidates", "choose", "resolve"]
@@ -51,7 +52,7 @@ def candidates(req: Request) -> tuple[dict[str, Backend], dict[str, str]]:
         if unknown:
             declined[name] = f"does not take the option(s) {', '.join(sorted(unknown))}"
             continue
-        why = b.supports(req)
+        why = unsupported(b, req) or b.supports(req) or b.auto_blocker(req)
         if why is not None:
             declined[name] = why
             continue
@@ -110,7 +111,7 @@ def resolve(req: Request, backend: str = "auto") -> tuple[Backend, Any]:
     unknown = set(req.options) - impl.options
     if unknown:
         raise TypeError(f"backend {backend!r} does not take the option(s) {', '.join(sorted(unknown))}")
-    why = impl.supports(req)
+    why = unsupported(impl, req) or impl.supports(req)
     if why is not None:
         try:
             alt = f"; backend {choose(req).backend!r} can"

@@ -1,5 +1,8 @@
 """``reference``: the formula as written, ``softmax(Q Kᵀ · scale + bias) V``; the oracle.
 
+With attention sinks the softmax runs over ``[scores, s_h]`` (one more column per row, the head's sink
+logit) and the sink's column is dropped before multiplying by ``V``.
+
 Builds the full ``(B, H, Lq, Lk)`` score matrix, so memory is ``O(Lq · Lk)``. Runs in float32 for
 half-precision inputs and in float64 for float64 inputs; returns the weights on request.
 """
@@ -26,12 +29,13 @@ CALL_S = 200e-6
 def scores(req: Request, dtype: torch.dtype | None = None) -> Tensor:
     """``Q Kᵀ · scale`` with the score mod applied and masked pairs at ``-inf``: ``(B, H, Lq, Lk)``.
 
-    Grouped-query heads share K without copying it: ``q`` is viewed as ``(B, Hkv, G, Lq, D)``."""
+    Grouped-query heads share K without copying it: ``q`` is viewed as ``(B, Hkv, G·Lq, D)``, the
+    query rows of a group stacked (a broadcast ``(B, Hkv, G, Lq, D) @ (B, Hkv, 1, D, Lk)`` would
+    copy K ``G`` times inside ``matmul``)."""
     dt = dtype or compute_dtype(req.dtype)
     B, H, Hkv, G, Lq, Lk = req.B, req.H, req.Hkv, req.groups, req.Lq, req.Lk
-    q = req.q.to(dt).reshape(B, Hkv, G, Lq, req.D)
-    k = req.k.to(dt).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
-    s = (q @ k.transpose(-1, -2)).reshape(B, H, Lq, Lk) * req.scale
+    q = req.q.to(dt).reshape(B, Hkv, G * Lq, req.D)
+    s = (q @ req.k.to(dt).transpose(-1, -2)).reshape(B, H, Lq, Lk) * req.scale
     shape = req.shape
     if req.score_mod is not None or req.mask is not None:
         dev = req.device
@@ -49,15 +53,21 @@ def scores(req: Request, dtype: torch.dtype | None = None) -> Tensor:
 def reference_attention(req: Request, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Output ``(B, H, Lq, Dv)`` and weights ``(B, H, Lq, Lk)``, both in the compute dtype."""
     dt = dtype or compute_dtype(req.dtype)
-    w = safe_softmax(scores(req, dt))
+    s = scores(req, dt)
+    if req.sinks is None:
+        w = safe_softmax(s)
+    else:
+        sink = req.sinks.to(dt).view(1, -1, 1, 1).expand(req.B, req.H, req.Lq, 1)
+        w = safe_softmax(torch.cat((s, sink), dim=-1))[..., :-1]
     wd = torch.nn.functional.dropout(w, req.dropout_p) if req.dropout_p > 0 else w
     B, H, Hkv, G, Lq, Lk = req.B, req.H, req.Hkv, req.groups, req.Lq, req.Lk
-    out = wd.reshape(B, Hkv, G, Lq, Lk) @ req.v.to(dt).unsqueeze(2)  # (B, Hkv, G, Lq, Dv)
+    out = wd.reshape(B, Hkv, G * Lq, Lk) @ req.v.to(dt)  # (B, Hkv, G·Lq, Dv): V is not copied per head
     return out.reshape(B, H, Lq, req.Dv), w
 
 
 class Reference(Backend):
     name = "reference"
+    takes_sinks = True
 
     def cost(self, req: Request) -> float:
         s = req.flops / FLOPS + req.B * req.H * req.Lq * req.Lk * PAIR_S + CALL_S

@@ -43,14 +43,21 @@ Options (keyword arguments of :func:`qkv.attention` with ``backend="tiled"`` or 
 * ``weights_rows`` (slice, sequence of int or 1-D integer tensor): with ``return_weights=True``,
   return the weights of these query rows only.
 
+Attention sinks (``sinks=``, one logit per query head in the softmax denominator) cost no extra key:
+the finished ``(out, lse)`` is corrected, ``lse' = logaddexp(lse, s_h)`` and ``out' = out * exp(lse -
+lse')`` (:func:`~qkv.backends.kernels.sink_forward`); the backward runs the same per-segment
+FlashAttention-2 backward given the final ``out'`` and ``lse'``, which is exact for ``q``, ``k`` and
+``v``, and :func:`~qkv.backends.kernels.sink_backward` gives the sinks' gradient. In float16/bfloat16
+the sinks, the correction and the sinks' gradient are float32 and ``out'`` is rounded once to the input dtype.
+
 With ``return_weights=True`` the weights ``(B, len(heads), len(rows), Lk)`` are recomputed tile by
-tile from the saved logsumexp, so the weights of 2 heads of a 32k sequence cost ``2 · 32k · 32k``
+tile from the saved logsumexp (:mod:`qkv.backends.weights`, shared with ``flex``), so the weights of 2 heads of a 32k sequence cost ``2 · 32k · 32k``
 numbers, not ``H`` times that. Dropout is declined (``sdpa`` and ``reference`` apply it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,12 +80,15 @@ from .kernels import (
     compute_dtype,
     half_speed,
     merge,
-    safe_softmax,
+    sink_backward,
+    sink_forward,
     span_backward,
     span_forward,
 )
 from .plan import Segment, Tile, TilePlan, plan_tiles, tile_plan
 from .registry import register
+from .weights import OPTIONS as WEIGHT_OPTIONS
+from .weights import key_ranges, weights
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "Segment", "Tiled", "merge", "plan_tiles"]
 
@@ -87,7 +97,7 @@ BLOCK_Q = 256
 BLOCK_K = 128
 """Default key-block length (the grain at which empty and full blocks are found)."""
 
-_OPTIONS = frozenset({"block_q", "block_k", "weights_heads", "weights_rows"})
+_OPTIONS = frozenset({"block_q", "block_k"}) | WEIGHT_OPTIONS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,26 +156,38 @@ def _fused_forward(
 class _FusedTiled(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Mask | None, plan: TilePlan
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: float,
+        mask: Mask | None,
+        plan: TilePlan,
+        sinks: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         out, lse = _fused_forward(q, k, v, scale, mask, plan)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:  # the final output and logsumexp, from which the backward works
+            out, lse = sink_forward(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.scale, ctx.mask, ctx.plan = scale, mask, plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         scale, mask, plan = ctx.scale, ctx.mask, ctx.plan
         dt = q.dtype
         bdt = compute_dtype(dt, fused=True, backward=True)
         if bdt != dt:  # a half-precision forward whose backward runs faster in float32 on this machine
             q, k, v, out, dout = (t.to(bdt) for t in (q, k, v, out, dout))
         dout = dout.contiguous()
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[6]:
+            dsinks = sink_backward(dout, out, lse, sinks)
         if plan.single:
             dq, dk, dv = span_backward(dout, q, k, v, out, lse, scale, causal=plan.single == "causal")
-            return dq.to(dt), dk.to(dt), dv.to(dt), None, None, None
+            return dq.to(dt), dk.to(dt), dv.to(dt), None, None, None, dsinks
         acc = torch.float32 if q.dtype in HALF else q.dtype  # gradients are summed in float32 (or float64)
         dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
         b = plan.band
@@ -192,7 +214,7 @@ class _FusedTiled(torch.autograd.Function):
                 dq[:, :, sl] += gq
                 dk[:, :, ks] += gk
                 dv[:, :, ks] += gv
-        return dq.to(dt), dk.to(dt), dv.to(dt), None, None, None
+        return dq.to(dt), dk.to(dt), dv.to(dt), None, None, None, dsinks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,9 +257,9 @@ def _eager(s: Tensor) -> Tensor:
 
 
 def _eager_forward(
-    q: Tensor, k: Tensor, v: Tensor, req: Request, plan: TilePlan, dt: torch.dtype
+    q: Tensor, k: Tensor, v: Tensor, req: Request, plan: TilePlan, dt: torch.dtype, sinks: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v) + (() if sinks is None else (sinks,)))
     outs, lses = [], []
     for t in plan.tiles:
         qt = q[:, :, t.q0 : t.q1]
@@ -246,88 +268,13 @@ def _eager_forward(
         else:
             o, lse = _eager_tile(qt, k, v, req, t, dt)
         outs.append(o)
-        lses.append(lse.detach())
-    out = torch.cat(outs, dim=2)
+        lses.append(lse if sinks is not None else lse.detach())  # out' depends on lse through the sink
+    out, lse_all = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
     if grad and not out.requires_grad:  # every tile empty: keep the graph, gradients are zeros
         out = out + 0.0 * (q.sum() + k.sum() + v.sum())
-    return out, torch.cat(lses, dim=2)
-
-
-# ------------------------------------------------------------------------------------------------
-# weights on demand
-
-
-def _rows_index(rows: Any, Lq: int, device: torch.device) -> Tensor:
-    if rows is None:
-        return torch.arange(Lq, device=device)
-    if isinstance(rows, slice):
-        return torch.arange(Lq, device=device)[rows]
-    if isinstance(rows, Tensor):
-        if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
-            raise TypeError(
-                f"weights_rows must be a slice or a 1-D integer tensor, got {rows.dtype} {tuple(rows.shape)}"
-            )
-        idx = rows.long().to(device)
-    elif isinstance(rows, Sequence) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
-        idx = torch.tensor(list(rows), dtype=torch.long, device=device)
-    else:
-        raise TypeError(f"weights_rows must be a slice, a sequence of ints or a 1-D integer tensor, got {rows!r}")
-    if idx.numel() and (int(idx.min()) < -Lq or int(idx.max()) >= Lq):
-        raise ValueError(f"weights_rows: row indices must lie in [-{Lq}, {Lq}) for Lq={Lq}, got {idx.tolist()}")
-    return idx % Lq if Lq else idx
-
-
-def _heads_index(heads: Any, H: int) -> list[int]:
-    if heads is None:
-        return list(range(H))
-    if (
-        isinstance(heads, int)
-        or not isinstance(heads, Sequence)
-        or not all(isinstance(x, int) and not isinstance(x, bool) for x in heads)
-    ):
-        raise TypeError(f"weights_heads must be a sequence of head indices (ints), got {heads!r}")
-    bad = [x for x in heads if not -H <= x < H]
-    if bad:
-        raise ValueError(f"weights_heads: head indices must lie in [-{H}, {H}) for H={H}, got {list(heads)}")
-    return [x % H for x in heads]
-
-
-def _weights(req: Request, q: Tensor, k: Tensor, lse: Tensor, dt: torch.dtype, block_q: int) -> Tensor:
-    """Weights ``(B, len(heads), len(rows), Lk)`` recomputed from the row logsumexp, a chunk of rows
-    at a time; differentiable (a plain softmax over the chosen rows) when gradients are on."""
-    heads = _heads_index(req.options.get("weights_heads"), req.H)
-    rows = _rows_index(req.options.get("weights_rows"), req.Lq, q.device)
-    shape = req.shape
-    G = req.groups
-    hq = torch.tensor(heads, dtype=torch.long, device=q.device)
-    kv_heads = hq // G
-    dev = q.device
-    b = torch.arange(req.B, device=dev).view(-1, 1, 1, 1)
-    h = hq.view(1, -1, 1, 1)
-    ki = torch.arange(req.Lk, device=dev).view(1, 1, 1, -1)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    chunks = []
-    for c0 in range(0, rows.numel(), block_q):
-        r = rows[c0 : c0 + block_q]
-        qi = r.view(1, 1, -1, 1)
-        qs = q[:, hq][:, :, r]  # (B, nh, nr, D)
-        s = (qs @ k[:, kv_heads].transpose(-1, -2)) * req.scale
-        if req.score_mod is not None:
-            s = req.score_mod.apply(shape, s, b, h, qi, ki).to(dt).expand(s.shape)
-        if req.mask is not None:
-            allowed = req.mask.evaluate(shape, b, h, qi, ki)
-            if not isinstance(allowed, Tensor):
-                allowed = torch.tensor(bool(allowed), device=dev)
-            s = s.masked_fill(~allowed.to(torch.bool), float("-inf"))
-        if grad:
-            w = safe_softmax(s)
-        else:
-            ls = lse[:, hq][:, :, r].unsqueeze(-1)
-            w = torch.exp(s - torch.where(torch.isneginf(ls), torch.zeros_like(ls), ls))
-        chunks.append(w)
-    if not chunks:
-        return q.new_zeros(req.B, len(heads), 0, req.Lk)
-    return torch.cat(chunks, dim=2)
+    if sinks is not None:  # differentiable by autograd here
+        out, lse_all = sink_forward(out, lse_all, sinks)
+    return out, lse_all.detach()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,6 +292,8 @@ BAND_PAIR_S = 0.3e-9
 """Seconds per (query, key) pair of a batched band: its one shared additive mask applied."""
 RUN_S = 50e-6
 """Fixed seconds per call of the backend (plan lookup, the autograd function, casts)."""
+SINK_S = 1e-9
+"""Seconds per output element of the sink correction (``out * exp(lse - lse')``; measured 0.7-0.8 ns)."""
 
 
 def _block(req: Request, name: str, default: int) -> int:
@@ -359,6 +308,7 @@ class Tiled(Backend):
 
     name = "tiled"
     options = _OPTIONS
+    takes_sinks = True
 
     def supports(self, req: Request) -> str | None:
         if req.dropout_p > 0:
@@ -400,6 +350,8 @@ class Tiled(Backend):
         casts = 2 * (req.q.numel() + req.k.numel() + req.v.numel()) * CAST_S
         if req.dtype in HALF and dt not in HALF:  # cast to float32 and back
             s += casts
+        if req.sinks is not None:  # the logsumexp correction of every output row
+            s += heads * req.Lq * req.Dv * SINK_S
         if req.requires_grad:  # the backward: about twice the forward's work
             bdt = compute_dtype(req.dtype, fused=fused, backward=True)
             slower = speed / half_speed(bdt, backward=True) if bdt in HALF else speed
@@ -436,15 +388,17 @@ class Tiled(Backend):
         fused = self.fused(req)
         dt = compute_dtype(req.dtype, fused=fused)
         q, k, v = req.q.to(dt), req.k.to(dt), req.v.to(dt)
+        wdt = compute_dtype(req.dtype)  # float32 for half precision: sinks, their correction, weights
+        sinks = None if req.sinks is None else req.sinks.to(wdt)
         if fused:
-            out, lse = _FusedTiled.apply(q, k, v, req.scale, req.mask, plan)
+            out, lse = _FusedTiled.apply(q, k, v, req.scale, req.mask, plan, sinks)
         else:
-            out, lse = _eager_forward(q, k, v, req, plan, dt)
+            out, lse = _eager_forward(q, k, v, req, plan, dt, sinks)
         out = out.to(req.dtype)
         if req.return_weights:
-            wdt = compute_dtype(req.dtype)  # weights recomputed in float32 for half precision
-            wq, wk = req.q.to(wdt), req.k.to(wdt)
-            return out, _weights(req, wq, wk, lse.to(wdt), wdt, plan.block_q).to(req.dtype)
+            wq, wk = req.q.to(wdt), req.k.to(wdt)  # weights recomputed in float32 for half precision
+            ranges = key_ranges(plan.tiles, req.Lq, req.Lk, q.device)
+            return out, weights(req, wq, wk, lse.to(wdt), wdt, plan.block_q, sinks, ranges).to(req.dtype)
         return out
 
 

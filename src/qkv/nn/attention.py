@@ -221,7 +221,7 @@ class MultiHeadAttention(AttentionModule):
 
     def _decode_fast_ok(self) -> bool:
         return (
-            self._weights_sink is None
+            not self.has_hooks
             and self.backend in ("auto", "sdpa")
             and not self.training
             and HAS_GQA
