@@ -342,8 +342,11 @@ def _worker(args: tuple[str, int, int, float, Config, Any, int]) -> dict[str, An
     return train_one(mixer, width, seed, lr, cfg, queue.put if queue is not None else None)
 
 
-def run_all(cfg: Config, workers: int, threads: int) -> list[dict[str, Any]]:
-    """Every (mixer, width, seed, learning rate) run, ``workers`` processes at a time, with a progress bar on stderr."""
+def run_all(
+    cfg: Config, workers: int, threads: int, on_result: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Every (mixer, width, seed, learning rate) run, ``workers`` processes at a time, with a progress bar on
+    stderr; ``on_result`` is called with each run's record as it finishes."""
     from tqdm import tqdm
 
     cfg.check()
@@ -359,6 +362,8 @@ def run_all(cfg: Config, workers: int, threads: int) -> list[dict[str, Any]]:
         for m, w, s, lr in jobs:
             bar.set_postfix_str(f"{m} w={w} seed={s} lr={lr:g}")
             results.append(train_one(m, w, s, lr, cfg, bar.update))
+            if on_result is not None:
+                on_result(results[-1])
     else:
         import multiprocessing as mp
 
@@ -374,6 +379,8 @@ def run_all(cfg: Config, workers: int, threads: int) -> list[dict[str, Any]]:
                     finished = {f for f in pending if f.done()}
                     for f in as_completed(finished):
                         results.append(f.result())
+                        if on_result is not None:
+                            on_result(results[-1])
                         r = results[-1]
                         bar.set_postfix_str(f"done {r['mixer']} w={r['width']} seed={r['seed']} lr={r['lr']:g}")
                     pending -= finished
@@ -573,10 +580,18 @@ def main(argv: list[str] | None = None) -> None:
         cfg.check()
     except ValueError as e:
         ap.error(str(e))
-    t0 = time.perf_counter()
-    results = run_all(cfg, a.workers, a.threads)
-    wall = time.perf_counter() - t0
     os.makedirs(a.out, exist_ok=True)
+    partial = os.path.join(a.out, "recall.partial.jsonl")  # each run as it finishes, in case of interruption
+    open(partial, "w").close()
+
+    def keep(r: dict[str, Any]) -> None:
+        with open(partial, "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    t0 = time.perf_counter()
+    results = run_all(cfg, a.workers, a.threads, keep)
+    wall = time.perf_counter() - t0
+    os.remove(partial)
     with open(os.path.join(a.out, "recall.json"), "w") as f:
         chosen = {id(r) for r in select(results)}
         runs = [{**r, "selected": id(r) in chosen} for r in results]
