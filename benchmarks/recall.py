@@ -40,9 +40,10 @@ parameters as the exact-attention model's (MLP ``4 * width``), within 0.2%; the 
 Every model gets the same training, a length curriculum: ``--steps`` AdamW steps at L = 64, then as many
 at 128, 256 and 512 (each batch ``--tokens // L`` sequences of one of that length's slices, in turn; each
 stage warmed up over 10% of its steps from zero to the peak lr, then cosine-decayed; the optimizer and the
-weights carry over), evaluated at the end of each stage on ``--test-seqs`` fresh sequences of that length's
-slices (the same sequences for every model). A seed fixes the initialisation and the training data.
-``--lrs 3e-3,1e-2`` trains every run with each peak rate and keeps the one with the better accuracy on
+weights carry over). The trained model (no positional embeddings, so any length) is then evaluated on
+``--test-seqs`` fresh sequences of every slice, the same sequences for every model; the JSON also keeps
+each stage's accuracy on its own length right after that stage. A seed fixes the initialisation and the
+training data. ``--lrs 3e-3,1e-2`` trains every run with each peak rate and keeps the one with the better accuracy on
 separate validation sequences (Zoology sweeps the learning rate the same way).
 
 Decode state is what a mixer keeps between tokens when generating, summed over layers, in float32 bytes:
@@ -269,16 +270,16 @@ def train_one(
 ) -> dict[str, Any]:
     """Train one model through the lengths in increasing order (``cfg.steps`` steps per length, on that
     length's slices in turn, each stage with its own warmup and cosine decay from ``lr``; the optimizer
-    carries over) and evaluate it at the end of each stage on that length's slices (validation and test
-    sequences). Returns the run's record (accuracies in %)."""
+    carries over), evaluate it at the end of each stage on that length's slices (``stage_accuracy``) and,
+    at the end, on every slice (``accuracy``, and ``val_accuracy`` on validation sequences when several
+    learning rates are tried). Returns the run's record (accuracies in %)."""
     d_ff = matched_d_ff(mixer, cfg, width)
     torch.manual_seed(seed)
     model = Recaller(mixer, cfg, width, d_ff, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s % cfg.steps, cfg.steps))
     gen = torch.Generator().manual_seed(seed)
-    acc: dict[str, float] = {}
-    val: dict[str, float] = {}
+    stage: dict[str, float] = {}
     losses: dict[str, float] = {}
     wall = cpu = 0.0
     for length in sorted(cfg.lengths):
@@ -302,9 +303,9 @@ def train_one(
             progress(cfg.steps % 10)
         wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
         losses[str(length)] = statistics.mean(recent)
-        if len(cfg.lrs) > 1:
-            val.update(evaluate(model, cfg, slices, cfg.val_seqs, VAL_SEED))
-        acc.update(evaluate(model, cfg, slices, cfg.test_seqs, TEST_SEED))
+        stage.update(evaluate(model, cfg, slices, cfg.test_seqs, TEST_SEED))
+    acc = evaluate(model, cfg, cfg.slices(), cfg.test_seqs, TEST_SEED)
+    val = evaluate(model, cfg, cfg.slices(), cfg.val_seqs, VAL_SEED) if len(cfg.lrs) > 1 else {}
     return {
         "mixer": mixer,
         "width": width,
@@ -316,6 +317,7 @@ def train_one(
         "final_loss": losses,
         "val_accuracy": val,
         "accuracy": acc,
+        "stage_accuracy": stage,
         "train_wall_s": wall,
         "train_cpu_s": cpu,
     }
@@ -456,7 +458,7 @@ def table(results: list[dict[str, Any]], cfg: Config, wall_s: float, workers: in
         f"(chance {100 / (cfg.vocab - cfg.vocab // 2):.1f}%; a random value from the context: 100/n %), window "
         f"{cfg.window}, Performer {cfg.features} features, SSM d_state {cfg.d_state} expand {cfg.expand}. Each model "
         f"is trained through the lengths in order, {cfg.steps} steps of {cfg.tokens} tokens per length on that "
-        f"length's slices, {lr_text}. Decode state: float32 bytes summed "
+        f"length's slices, {lr_text}; then evaluated on every slice. Decode state: float32 bytes summed "
         f"over layers. {len(results)} runs: {cpu / 60:.1f} CPU-minutes of training, {wall_s / 60:.1f} min wall with "
         f"{workers} worker(s) x {threads} thread(s) on {os.cpu_count()} CPUs.",
         "",
@@ -514,9 +516,14 @@ def plot(results: list[dict[str, Any]], cfg: Config, path: str) -> None:
             if col == 0:
                 ax.set_ylabel("recall accuracy %")
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower left")
-    fig.suptitle(f"MQAR recall, {cfg.layers} layers, {cfg.steps} steps, {len(cfg.seeds)} seed(s)", fontsize=11)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4 if len(cfg.widths) > 1 else 2, fontsize=8, frameon=False)
+    fig.suptitle(
+        f"MQAR recall by token mixer, {cfg.layers} layers, {cfg.steps} steps per length\n"
+        f"mean of {len(cfg.seeds)} seed(s), band: min to max",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.08 if len(cfg.widths) > 1 else 0.11, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -555,7 +562,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-seqs", type=int, default=None)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (1 thread each)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--from-json", default=None, help="redraw the table and plot of a finished run's recall.json")
     a = ap.parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            saved = json.load(f)
+        conf = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()}
+        report(saved["runs"], Config(**conf), saved["wall_s"], saved.get("workers", 2), saved.get("threads", 1), a.out)
+        return
     cfg = replace(
         d,
         mixers=tuple(m for m in a.mixers.split(",") if m),
@@ -595,11 +609,18 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(a.out, "recall.json"), "w") as f:
         chosen = {id(r) for r in select(results)}
         runs = [{**r, "selected": id(r) in chosen} for r in results]
-        json.dump({"config": asdict(cfg), "wall_s": wall, "runs": runs}, f, indent=1)
-    text = table(results, cfg, wall, a.workers, a.threads)
-    with open(os.path.join(a.out, "recall.md"), "w") as f:
+        saved = {"config": asdict(cfg), "wall_s": wall, "workers": a.workers, "threads": a.threads, "runs": runs}
+        json.dump(saved, f, indent=1)
+    report(results, cfg, wall, a.workers, a.threads, a.out)
+
+
+def report(results: list[dict[str, Any]], cfg: Config, wall: float, workers: int, threads: int, out: str) -> None:
+    """Write ``recall.md`` and ``recall.png`` under ``out`` and print the table."""
+    os.makedirs(out, exist_ok=True)
+    text = table(results, cfg, wall, workers, threads)
+    with open(os.path.join(out, "recall.md"), "w") as f:
         f.write(text + "\n")
-    plot(results, cfg, os.path.join(a.out, "recall.png"))
+    plot(results, cfg, os.path.join(out, "recall.png"))
     print(text)
 
 
