@@ -151,3 +151,11 @@ def test_tiny_run_end_to_end(tmp_path):
     assert (out / "recall.png").stat().st_size > 5000
     (run,) = json.loads((out / "recall.json").read_text())["runs"]
     assert run["accuracy"]["64/8"] >= 80.0, run
+
+
+def test_window_reach_bounds():
+    # a query stands after its value: a window of 0 reaches none, one as long as the sequence all of them
+    cfg = replace(R.Config(), test_seqs=16)
+    assert R.within_window(replace(cfg, window=0), 64, 8) == 0.0
+    assert R.within_window(replace(cfg, window=64), 64, 8) == 100.0
+    assert 0.0 < R.within_window(replace(cfg, window=32), 64, 8) < 100.0
