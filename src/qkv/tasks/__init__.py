@@ -8,7 +8,9 @@ its metric beside a baseline.
   (:mod:`qkv.tasks.forecast`);
 - ``recsys``: SASRec-style next-item prediction on generated histories (:mod:`qkv.tasks.recsys`);
 - ``speech``: spoken digit strings synthesised by ``espeak-ng``, recognised by an attention encoder-decoder
-  (:mod:`qkv.tasks.speech`).
+  (:mod:`qkv.tasks.speech`);
+- ``caption``: scenes of handwritten digits captioned by a patch encoder and a word decoder with
+  cross-attention (:mod:`qkv.tasks.caption`).
 
 A task module may define ``missing() -> str | None``: what it needs and is not installed (then
 ``qkv train`` prints it and exits with status 2).
@@ -25,7 +27,7 @@ from .common import TaskResult
 
 __all__ = ["TASKS", "TaskResult", "run_task", "train_task"]
 
-TASKS = ("lm", "vit", "forecast", "recsys", "speech")
+TASKS = ("lm", "vit", "forecast", "recsys", "speech", "caption")
 
 
 def train_task(
