@@ -95,7 +95,8 @@ REAL_TEXT = (
 
 def minilm_qkv(max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """q, k, v ``(1, 12, L, 32)`` of each of MiniLM's six layers on real English text."""
-    from qkv.models.bert import BertSelfAttention, BertTokenizer, minilm, minilm_path
+    from qkv.models.bert import BertTokenizer, minilm, minilm_path
+    from qkv.nn import hooked
 
     model = minilm()
     tok = BertTokenizer(os.path.join(minilm_path(), "tokenizer.json"))
@@ -104,23 +105,15 @@ def minilm_qkv(max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.
     zen = codecs.decode(this.s, "rot13")
     text = (REAL_TEXT + " " + zen.replace("\n", " ")) * 4
     enc = tok.encode([text], max_length=max_tokens)
-    got: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    layers = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
+    seen: dict[str, dict[str, torch.Tensor]] = {}
 
-    def capture(layer: BertSelfAttention) -> Any:
-        orig = layer.attend
+    def keep(t: torch.Tensor, name: str) -> None:  # name: "encoder.layer.N.attention.self.hook_q"
+        layer, point = name.rsplit(".", 1)
+        seen.setdefault(layer, {})[point] = t.detach().clone()
 
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
-            got.append((q.detach().clone(), k.detach().clone(), v.detach().clone()))
-            return orig(q, k, v, **kw)
-
-        return attend
-
-    for layer in layers:
-        layer.attend = capture(layer)  # type: ignore[method-assign]
-    with torch.no_grad():
+    with torch.no_grad(), hooked(model, ("*.hook_[qkv]", keep)):
         model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-    return got
+    return [(d["hook_q"], d["hook_k"], d["hook_v"]) for d in seen.values()]
 
 
 # ------------------------------------------------------------------------------------------------

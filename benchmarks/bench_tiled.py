@@ -3,9 +3,9 @@
     python benchmarks/bench_tiled.py             # about 2-3 minutes on 2 cores (FlexAttention compile ~1 min)
     python benchmarks/bench_tiled.py --no-flex   # skip the FlexAttention comparison
 
-fp32, B=1, D=64. Times are medians (``qkv.bench.time_median``); "x" figures are the peer's median over
+fp32, B=1, D=64. Times are medians (``qkv.apps.bench.time_median``); "x" figures are the peer's median over
 tiled's median in the same run (> 1 = tiled faster). Memory is the peak growth of resident memory
-during one call (``qkv.bench.peak_memory``).
+during one call (``qkv.apps.bench.peak_memory``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from qkv.bench import compare, measure
+from qkv.apps.bench import compare, measure
 
 
 def main() -> int:

@@ -1,7 +1,9 @@
-"""Shared test set-up: make tests/oracle.py importable, seed, keep hypothesis quick."""
+"""Shared test set-up: make tests/oracle.py importable, seed, keep hypothesis quick, keep Hugging Face offline."""
 
 import os
 import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transformers: no test downloads
 
 import torch
 from hypothesis import HealthCheck, settings

@@ -142,15 +142,54 @@ def test_dropout_is_unbiased(backend):
     torch.testing.assert_close(runs.mean(0), exact, atol=0.08, rtol=0)
 
 
-def test_grouped_query_attention_does_not_copy_kv(monkeypatch):
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "tiled", "tiled-eager"])
+def test_grouped_query_attention_does_not_copy_kv(monkeypatch, backend):
+    """Query head ``h`` attends with K/V head ``h // G`` (against a float64 loop over heads, forward and
+    backward), and no copy of K or V per query head is made: every tensor torch allocates is watched
+    (``TorchDispatchMode``), and none may be larger than K or V, as a copy for ``G = 4`` heads would be."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    B, H, Hkv, Lq, Lk, D = 1, 8, 2, 3, 64, 16  # K, V: 2048 numbers each; the scores only 1536
+    G = H // Hkv
+    q = torch.randn(B, H, Lq, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, Lk, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, Lk, D, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(B, H, Lq, D, dtype=torch.float64)
+    i, j = torch.arange(Lq).view(-1, 1) + Lk - Lq, torch.arange(Lk).view(1, -1)
+    allowed = (j <= i) & (j >= i - 2)  # causal() & sliding_window(2), bottom-right
+    want = []
+    for h in range(H):  # the oracle: one head at a time, K/V head h // G
+        s = (q[:, h] @ k[:, h // G].transpose(-1, -2)) / math.sqrt(D)
+        want.append(torch.softmax(s.masked_fill(~allowed, -math.inf), -1) @ v[:, h // G])
+    want_out = torch.stack(want, 1)
+    want_grads = torch.autograd.grad(want_out, (q, k, v), dout)
+
+    name, kw = backend, {}
+    if backend == "tiled-eager":  # a zero bias sends tiled down its eager engine
+        name, kw = "tiled", {"score_mod": S.bias(torch.zeros(Lq, Lk, dtype=torch.float64))}
+    biggest = [0]
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    biggest[0] = max(biggest[0], t.numel())
+            return out
+
     def no_copy(*a, **k):
         raise AssertionError("K/V were repeated per head")
 
     monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_copy)
     monkeypatch.setattr(torch.Tensor, "repeat", no_copy)
-    q, k = torch.randn(1, 8, 4, 8), torch.randn(1, 2, 4, 8)
-    for backend in ("reference", "sdpa"):
-        qkv.attention(q, k, k, mask=M.causal() & M.sliding_window(2), backend=backend)
+    with Watch():
+        out = qkv.attention(q, k, v, mask=M.causal() & M.sliding_window(2), backend=name, **kw)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert biggest[0] <= B * Hkv * Lk * D, f"a tensor of {biggest[0]} numbers: K or V copied per query head"
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-12)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 def test_explain_and_backends():

@@ -81,6 +81,46 @@ def test_padding_and_global_tokens(data, Lk, bq, bk):
         check_kinds(m, B, 1, Lq, Lk, bq, bk, exact=exact)
 
 
+@given(data=st.data(), Lk=dims, bq=st.integers(1, 5), bk=st.integers(1, 5))
+def test_left_padding_alone_and_with_causal_windows_and_right_padding(data, Lk, bq, bk):
+    B, Lq = 3, data.draw(dims)
+    starts = data.draw(st.lists(st.integers(0, Lk), min_size=B, max_size=B))
+    ends = [data.draw(st.integers(s, Lk)) for s in starts]
+    w = data.draw(st.integers(0, 5))
+    off = Lk - Lq
+    cases = [
+        (M.left_padding(starts), lambda b, h, i, j: j >= starts[b]),
+        (M.left_padding(starts) & M.causal(), lambda b, h, i, j: starts[b] <= j <= i + off),
+        (
+            M.causal() & M.sliding_window(w) & M.left_padding(starts),
+            lambda b, h, i, j: max(starts[b], i + off - w) <= j <= i + off,
+        ),
+        (M.left_padding(starts) & M.padding(ends), lambda b, h, i, j: starts[b] <= j < ends[b]),
+        (M.left_padding(starts[0]), lambda b, h, i, j: j >= starts[0]),
+    ]
+    for n, (m, fn) in enumerate(cases):
+        assert torch.equal(dense(m, B, 1, Lq, Lk), brute(fn, B, 1, Lq, Lk)), m
+        # alone the mask classifies exactly; an intersection of two masks' answers is conservative
+        check_kinds(m, B, 1, Lq, Lk, bq, bk, exact=n in (0, 4))
+
+
+def test_left_padding_classifies_from_its_starts_and_refuses_bad_starts(monkeypatch):
+    m = M.left_padding(torch.tensor([0, 4096, 1 << 19]))
+    monkeypatch.setattr(type(m), "evaluate", lambda *a: (_ for _ in ()).throw(AssertionError("evaluated")))
+    kinds = m.block_kinds(Shape(3, 1, 1 << 20, 1 << 20), 1024, 1024)
+    assert kinds.shape == (3, 1, 1024, 1024)
+    assert [int((kinds[b] == EMPTY).sum()) for b in range(3)] == [0, 4 * 1024, 512 * 1024]
+    assert M.left_padding([1, 2]).cache_key() != M.left_padding([1, 3]).cache_key()
+    assert M.left_padding([1, 2]).cache_key() == M.left_padding(torch.tensor([1, 2])).cache_key()
+    assert M.left_padding([1, 2]).shard_blocker() is None
+    with pytest.raises(ValueError, match=r"starts must lie in \[0, 4\]"):
+        M.left_padding([5]).to_dense(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="one start per batch row"):
+        M.left_padding([1, 2, 3]).to_dense(2, 1, 3, 4)
+    with pytest.raises(TypeError, match="left_padding: starts must hold integers"):
+        M.left_padding(torch.zeros(2))
+
+
 @given(data=st.data(), bq=st.integers(1, 5), bk=st.integers(1, 5))
 def test_document_sorted_ids_classify_exactly(data, bq, bk):
     L = data.draw(st.integers(1, 16))
@@ -214,7 +254,69 @@ def test_named_masks_classify_without_dense_work(monkeypatch):
 
     m = (M.causal() & M.sliding_window(4096)) | M.global_tokens(16)
     for cls in (type(M.causal()), type(M.global_tokens(1))):
-        monkeypatch.setattr(cls, "_eval", boom)
+        monkeypatch.setattr(cls, "evaluate", boom)
     kinds = m.block_kinds(Shape(1, 1, 1 << 20, 1 << 20), 1024, 1024)
     assert kinds.shape == (1, 1, 1024, 1024)
     assert int((kinds != EMPTY).sum()) < 1024 * 8
+
+
+def test_masks_say_whether_they_are_windows():
+    assert M.causal().window() == (None, 0) and M.causal().is_causal
+    assert M.full().window() == (None, None) and M.full().is_full
+    assert (M.causal() & M.sliding_window(256)).window() == (256, 0)
+    assert (M.sliding_window(8, 3) & M.sliding_window(5, 9)).window() == (5, 3)
+    assert (M.causal() & M.causal()).is_causal
+    for m in (M.dilated(8, 2), M.causal() | M.sliding_window(3), ~M.causal(), M.document([0, 1]), M.prefix_lm(3)):
+        assert m.window() is None and not m.is_causal
+    assert M.dilated(8, 1).window() == (8, 0)  # dilation 1 is a plain window
+
+
+def test_or_is_not_an_and():
+    """``|`` and ``&`` are siblings: code that asks one never mistakes the other."""
+    a = M.causal() | M.global_tokens(2)
+    b = M.causal() & M.global_tokens(2)
+    assert type(a).__name__ == "_Or" and type(b).__name__ == "_And"
+    assert not isinstance(a, type(b)) and not isinstance(b, type(a))
+    x, y = dense(a, 1, 1, 6, 6), dense(b, 1, 1, 6, 6)
+    assert not torch.equal(x, y)
+
+
+def test_cache_keys_tell_equal_masks_apart_from_different_ones():
+    key = lambda m: m.cache_key()  # noqa: E731
+    assert key(M.causal() & M.sliding_window(4)) == key(M.causal() & M.sliding_window(4))
+    assert key(M.causal() & M.sliding_window(4)) != key(M.causal() & M.sliding_window(5))
+    assert key(M.causal() & M.sliding_window(4)) != key(M.causal() | M.sliding_window(4))
+    assert key(M.document([0, 0, 1])) == key(M.document(torch.tensor([0, 0, 1])))
+    assert key(M.document([0, 0, 1])) != key(M.document([0, 1, 1]))
+    assert key(M.padding([3, 4])) != key(M.padding([4, 4]))
+    assert key(M.dilated(4, 2)) != key(M.sliding_window(4))
+
+
+class _IdMask(M.Mask):
+    """A user's mask that holds per-position data (token kinds) of whatever shard it was built with."""
+
+    name = "same_kind"
+
+    def __init__(self, kinds: torch.Tensor):
+        self.kinds = kinds
+
+    def evaluate(self, s, b, h, q, k):
+        return self.kinds[q] == self.kinds[k]
+
+
+def test_a_mask_that_does_not_say_how_to_shard_refuses():
+    m = _IdMask(torch.tensor([0, 1, 0, 1]))
+    assert "does not say how it maps to global positions" in m.shard_blocker()
+    with pytest.raises(NotImplementedError, match="global positions"):
+        m.globalize(lambda t: t)
+    with pytest.raises(NotImplementedError, match="global positions"):
+        (M.causal() & m).globalize(lambda t: t)  # composites ask their parts
+    assert (M.causal() & M.sliding_window(3)).shard_blocker() is None
+    assert "tied to a layout" in M.from_dense(torch.ones(4, 4, dtype=torch.bool)).shard_blocker()
+
+
+def test_document_masks_gather_their_ids_when_globalized():
+    local = M.document(torch.tensor([0, 0, 1]))
+    g = (M.causal() & local).globalize(lambda t: torch.cat([t, t + 2]))
+    expect = M.causal() & M.document(torch.tensor([0, 0, 1, 2, 2, 3]))
+    assert torch.equal(g.to_dense(1, 1, 6, 6), expect.to_dense(1, 1, 6, 6))

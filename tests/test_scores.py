@@ -49,6 +49,34 @@ def test_alibi_matches_formula(Lq, Lk):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
 
 
+def test_alibi_slopes_equal_bloom_for_every_head_count():
+    """An outside oracle: Hugging Face's BLOOM builds its ALiBi from the same recipe (1 to 20 heads)."""
+    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+    for n in range(1, 21):
+        ref = bloom.build_alibi_tensor(torch.ones(1, 2), n, torch.float32)[:, 0, 1]  # slope * position 1
+        torch.testing.assert_close(S.alibi_slopes(n).float(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(6, 6), (3, 7)])
+def test_symmetric_alibi_matches_formula(Lq, Lk):
+    """``-slope * |j - p|`` with ``p = i + Lk - Lq``: no mask, so every key's distance counts."""
+    torch.manual_seed(0)
+    H = 4
+    q, k, v = torch.randn(2, H, Lq, 8), torch.randn(2, H, Lk, 8), torch.randn(2, H, Lk, 5)
+    slopes = [2.0 ** (-8 * (h + 1) / H) for h in range(H)]
+    s = plain_scores(q, k)
+    for h in range(H):
+        for i in range(Lq):
+            for j in range(Lk):
+                s[:, h, i, j] -= slopes[h] * abs(j - (i + Lk - Lq))
+    want = attend(s, v)
+    mod = S.alibi(H, symmetric=True)
+    assert mod.name == "alibi(4)"
+    for backend in ("reference", "sdpa", "tiled"):
+        got = qkv.attention(q, k, v, score_mod=mod, backend=backend)
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+
+
 def test_softcap_matches_formula_and_keeps_huge_scores_finite():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 5, 4) * 30, torch.randn(1, 2, 5, 4) * 30, torch.randn(1, 2, 5, 3)

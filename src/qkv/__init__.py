@@ -4,15 +4,51 @@
     out = qkv.attention(q, k, v, mask=qkv.masks.causal())
 
 ``q (B, H, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)`` -> ``(B, H, Lq, Dv)``.
+
+``qkv.nn`` (modules), ``qkv.models``, ``qkv.analysis`` and ``qkv.distributed`` are imported on first use
+(PEP 562), so ``import qkv`` loads only the attention call, masks, score mods and backends.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from . import masks, patterns, scores
 from .attention import Explanation, attention, explain
 from .backends import available as _available
+
+if TYPE_CHECKING:
+    from . import analysis, distributed, models, nn
 
 __version__ = "0.1.0"
 
 BACKENDS: tuple[str, ...] = _available()
 """Names of the backends that can run on this machine (``backend=`` accepts them and ``"auto"``)."""
 
-__all__ = ["BACKENDS", "Explanation", "attention", "explain", "masks", "patterns", "scores"]
+_LAZY = ("analysis", "distributed", "models", "nn")
+
+__all__ = [
+    "BACKENDS",
+    "Explanation",
+    "analysis",
+    "attention",
+    "distributed",
+    "explain",
+    "masks",
+    "models",
+    "nn",
+    "patterns",
+    "scores",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``qkv.nn``, ``qkv.models``, ``qkv.analysis`` or ``qkv.distributed`` on first access."""
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)  # also binds it as an attribute of qkv
+    raise AttributeError(f"module 'qkv' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
+import torch
 from torch import Tensor
 
-from . import backends
-from .backends.base import Request
+from .backends import Request
+from .backends.policy import choose, resolve
 from .masks import MaskLike, as_mask
 from .scores import ScoreMod, ScoreModFn, as_score_mod
 
@@ -27,6 +27,7 @@ def attention(
     score_mod: ScoreMod | ScoreModFn | None = ...,
     scale: float | None = ...,
     dropout_p: float = ...,
+    sinks: Tensor | None = ...,
     backend: str = ...,
     return_weights: Literal[False] = ...,
     **options: Any,
@@ -43,6 +44,7 @@ def attention(
     score_mod: ScoreMod | ScoreModFn | None = ...,
     scale: float | None = ...,
     dropout_p: float = ...,
+    sinks: Tensor | None = ...,
     backend: str = ...,
     return_weights: Literal[True],
     **options: Any,
@@ -58,6 +60,7 @@ def attention(
     score_mod: ScoreMod | ScoreModFn | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    sinks: Tensor | None = None,
     backend: str = "auto",
     return_weights: bool = False,
     **options: Any,
@@ -82,6 +85,13 @@ def attention(
         scale: multiplies ``q kᵀ``; defaults to ``1 / sqrt(D)``.
         dropout_p: dropout on the attention weights, in ``[0, 1)``; applied whenever it is > 0
             (pass 0 at evaluation time, as with ``F.scaled_dot_product_attention``).
+        sinks: attention sinks as gpt-oss learns them: ``(H,)``, one logit ``s_h`` per query head
+            that joins the softmax denominator, ``softmax([q kᵀ · scale, s_h])`` with the sink's
+            column dropped, so a row's weights sum to less than 1 and a head can attend to "nothing".
+            Gradients flow into it. A row that may attend to no key puts all its weight on the sink:
+            its output is 0. ``s_h = -inf`` is no sink for head ``h``. Served by ``reference``,
+            ``sdpa`` and ``tiled``; other backends decline it. Same device as ``q``; dtype that of
+            ``q`` or float32.
         backend: ``"auto"`` (the fastest backend that supports the request; see
             :func:`explain`) or one of ``qkv.BACKENDS``.
         return_weights: also return the attention weights ``(B, H, Lq, Lk)``.
@@ -89,8 +99,8 @@ def attention(
 
     Returns:
         ``out (B, H, Lq, Dv)`` in the dtype of ``q``, and with ``return_weights`` the weights
-        ``(B, H, Lq, Lk)``. A query that may attend to nothing gets zeros (and zero gradient),
-        never NaN. Half and bfloat16 inputs accumulate in float32.
+        ``(B, H, Lq, Lk)`` (over the keys: with ``sinks`` a row sums to less than 1). A query that
+        may attend to nothing gets zeros (and zero gradient), never NaN. Half and bfloat16 inputs accumulate in float32.
 
     Raises:
         TypeError: inputs that are not floating-point tensors of one dtype, a mask or score mod of
@@ -100,26 +110,9 @@ def attention(
         NotImplementedError: a named backend that cannot serve this request (the message says why
             and which backend can).
     """
-    req, squeeze = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options)
-    if backend == "auto":
-        name, _ = _plan(req)
-    else:
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-        impl = backends.get(backend)
-        if not impl.available():
-            raise ValueError(
-                f"backend {backend!r} is not available on this machine; available: {', '.join(backends.available())}"
-            )
-        why = impl.supports(req)
-        if why is not None:
-            alt, _ = _plan(req)
-            raise NotImplementedError(f"backend {backend!r} cannot serve this request: {why}; backend {alt!r} can")
-        name = backend
-    unknown = set(req.options) - backends.get(name).options
-    if unknown:
-        raise TypeError(f"backend {name!r} does not take the option(s) {', '.join(sorted(unknown))}")
-    result = _edge_case(req) if req.Lq == 0 or req.Lk == 0 else backends.get(name).run(req)
+    req, squeeze = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
+    impl, plan = resolve(req, backend)
+    result = _edge_case(req) if req.Lq == 0 or req.Lk == 0 else impl.run(req, plan)
     if squeeze:
         if isinstance(result, tuple):
             return _unsqueeze_back(result[0], squeeze), _unsqueeze_back(result[1], squeeze)
@@ -138,6 +131,8 @@ def _edge_case(req: Request) -> Tensor | tuple[Tensor, Tensor]:
     out = req.q.new_zeros(req.B, req.H, req.Lq, req.Dv)
     if req.requires_grad:  # keep the graph connected so backward() works and gives zero gradients
         out = out + 0.0 * (req.q.sum() + req.k.sum() + req.v.sum())
+        if req.sinks is not None:  # no key: every row's weight is on its sink, whose value is 0
+            out = out + 0.0 * torch.nan_to_num(req.sinks, neginf=0.0).sum()
     if req.return_weights:
         return out, req.q.new_zeros(req.B, req.H, req.Lq, req.Lk)
     return out
@@ -150,10 +145,19 @@ class Explanation:
     backend: str
     reason: str
     declined: dict[str, str] = field(default_factory=dict)
-    """Backends that cannot serve the request, with their reasons."""
+    """Backends that cannot (or may not) serve the request, with their reasons."""
+    costs: dict[str, float] = field(default_factory=dict)
+    """Every candidate's estimated seconds (the cheapest is picked)."""
+    mask: str = ""
+    """The mask the request carried, in words (its structure, or the name of a fallback and its reason)."""
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.backend}: {self.reason}"]
+        if self.mask:
+            lines.append(f"  mask: {self.mask}")
+        lines += [
+            f"  {name}: ~{c * 1e3:.3g} ms estimated" for name, c in sorted(self.costs.items(), key=lambda x: x[1])
+        ]
         lines += [f"  not {name}: {why}" for name, why in self.declined.items()]
         return "\n".join(lines)
 
@@ -167,102 +171,19 @@ def explain(
     score_mod: ScoreMod | ScoreModFn | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    sinks: Tensor | None = None,
     return_weights: bool = False,
     **options: Any,
 ) -> Explanation:
     """Which backend ``qkv.attention(q, k, v, ...)`` with ``backend="auto"`` would use, and why.
 
     Takes the same arguments as :func:`attention` (inputs are validated the same way) and
-    computes nothing. ``str()`` of the result reads as a sentence."""
-    req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options)
-    name, reason = _plan(req)
-    declined = {}
-    for n, b in backends.registered().items():
-        if not b.available():
-            declined[n] = "not available on this machine"
-        elif (why := b.supports(req)) is not None:
-            declined[n] = why
-    return Explanation(name, reason, declined)
-
-
-def _available_memory(device: Any) -> int:
-    """Bytes free for new tensors on ``device`` (CUDA: the allocator's view; else MemAvailable)."""
-    try:
-        import torch
-
-        if getattr(device, "type", "cpu") == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-    except Exception:  # pragma: no cover - a device without the query
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) if hasattr(os, "sysconf") else 1 << 34
-
-
-#: ``auto`` takes ``tiled`` over SDPA-with-a-dense-mask when at most this fraction of tiles is non-empty
-#: (``python benchmarks/bench_tiled.py`` and ``qkv bench``: from 2k tokens on, tiled beats SDPA with a
-#: bool mask for windows and documents, 1.4-3.6x at 2k-4k and 9-26x at 8k; causal-like masks, ~50% of
-#: tiles, do about half of SDPA's work)
-TILED_MAX_LIVE = 0.6
-#: below this many (query, key) pairs one SDPA call with a dense mask is as fast (measured at 1k: 0.8-1.2x)
-TILED_MIN_PAIRS = 2048 * 2048
-
-
-def _plan(req: Request) -> tuple[str, str]:
-    """The backend ``auto`` picks for ``req`` and the reason, in one sentence."""
-    from .backends.sdpa import is_square_causal
-
-    sdpa, tiled = backends.get("sdpa"), backends.get("tiled")
-    sdpa_why, tiled_why = sdpa.supports(req), tiled.supports(req)
-    own = sorted(set(req.options) & tiled.options)
-    if own and tiled_why is None:
-        return "tiled", f"the option(s) {', '.join(own)} belong to tiled"
-    if sdpa_why is None:
-        if req.score_mod is None and (req.mask is None or is_square_causal(req)):
-            what = "no mask" if req.mask is None else "square causal (is_causal)"
-            return (
-                "sdpa",
-                f"PyTorch's fused kernel serves this request ({what}) with nothing to skip; fastest exact backend",
-            )
-        if tiled_why is not None:
-            return "sdpa", f"PyTorch's fused kernel serves this request; tiled declined ({tiled_why})"
-        dense = req.B * req.H * req.Lq * req.Lk * 4
-        free = _available_memory(req.device)
-        if dense > free // 2:
-            return "tiled", (
-                f"sdpa would build a dense {req.B}x{req.H}x{req.Lq}x{req.Lk} mask/bias (~{dense / 2**30:.1f} GiB)"
-                f" against {free / 2**30:.1f} GiB free; tiled needs O(L*D) memory"
-            )
-        if req.Lq * req.Lk < TILED_MIN_PAIRS:
-            return "sdpa", f"a small problem ({req.Lq}x{req.Lk}): one SDPA call with a dense mask/bias is cheapest"
-        if req.score_mod is not None:
-            return "sdpa", (
-                f"score mod {req.score_mod!r} is additive: SDPA takes it as a dense bias, faster than tiled's"
-                " eager path"
-            )
-        live, n = tiled.live_fraction(req)  # type: ignore[attr-defined]
-        if live <= TILED_MAX_LIVE:
-            return "tiled", (
-                f"mask {req.mask!r} leaves {live:.0%} of {n} tiles non-empty; tiled skips the rest and is"
-                f" measured faster than sdpa with a dense mask at <= {TILED_MAX_LIVE:.0%}"
-            )
-        return "sdpa", (
-            f"mask {req.mask!r} leaves {live:.0%} of {n} tiles non-empty: too many to skip, sdpa with a dense"
-            " mask is as fast"
-        )
-    if tiled_why is None:
-        if req.return_weights:
-            return "tiled", (
-                f"sdpa declined ({sdpa_why}); tiled recomputes the weights tile by tile from its logsumexp"
-                " (weights_heads=/weights_rows= pick a few)"
-            )
-        return "tiled", f"sdpa declined ({sdpa_why}); tiled computes it exactly in O(L*D) memory"
-    return "reference", f"sdpa declined ({sdpa_why}) and tiled declined ({tiled_why}); reference computes any request"
+    computes nothing. Every backend that could serve the request gives its estimated cost (the
+    cheapest is picked); every other backend gives its reason. ``str()`` of the result reads as a
+    sentence followed by one line per backend."""
+    req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
+    c = choose(req)
+    return Explanation(c.backend, c.reason, c.declined, c.costs, repr(req.mask) if req.mask is not None else "")
 
 
 def _validate(
@@ -275,6 +196,7 @@ def _validate(
     dropout_p: Any,
     return_weights: Any,
     options: dict[str, Any],
+    sinks: Any = None,
 ) -> tuple[Request, int]:
     """Check every argument once; return the 4-D request and how many leading dims were added."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -317,11 +239,28 @@ def _validate(
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if not isinstance(return_weights, bool):
         raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    if sinks is not None:
+        _check_sinks(sinks, q)
     m = as_mask(mask)
     sm = as_score_mod(score_mod)
-    req = Request(q, k, v, m, sm, float(scale), float(dropout_p), return_weights, dict(options))
+    req = Request(q, k, v, m, sm, float(scale), float(dropout_p), return_weights, dict(options), sinks)
     if m is not None:
         m.check(req.shape)
     if sm is not None:
         sm.check(req.shape)
     return req, squeeze
+
+
+def _check_sinks(sinks: Any, q: Tensor) -> None:
+    """``sinks`` must be a floating-point ``(H,)`` tensor on ``q``'s device, in ``q``'s dtype or float32."""
+    if not isinstance(sinks, Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor of shape (H,), got {type(sinks).__name__}")
+    if sinks.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"sinks must have the dtype of q ({q.dtype}) or float32, got {sinks.dtype}")
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(
+            f"sinks must be (H,) = ({q.shape[1]},), one logit per query head, got shape {tuple(sinks.shape)}"
+            f" for q {tuple(q.shape)}"
+        )
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on the device of q ({q.device}), got {sinks.device}")

@@ -1,6 +1,7 @@
-"""The ``qkv`` command: argument parsing only; each subcommand calls library code.
+"""The ``qkv`` command: argument parsing only.
 
-Each subcommand has its own ``_add_<name>`` function below; the code it runs lives in the library.
+Each subcommand has its own ``_add_<name>`` function below; the code it runs lives in :mod:`qkv.apps`
+(:func:`qkv.apps.run_command`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> int:
-        from .demo import run_demo
+        from .apps import run_command
 
-        return run_demo(out=args.out, quick=args.quick, seed=args.seed)
+        return run_command("demo", out=args.out, quick=args.quick, seed=args.seed)
 
     p.set_defaults(func=run)
 
@@ -30,9 +31,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few sizes only")
 
     def run(args: argparse.Namespace) -> int:
-        from .bench import run_bench
+        from .apps import run_command
 
-        return run_bench(out=args.out, quick=args.quick)
+        return run_command("bench", out=args.out, quick=args.quick)
 
     p.set_defaults(func=run)
 
@@ -44,9 +45,9 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="qkv-inspect", help="report folder (default: qkv-inspect)")
 
     def run(args: argparse.Namespace) -> int:
-        from .analysis.inspect import run_inspect
+        from .apps import run_command
 
-        return run_inspect(args.text, model=args.model, out=args.out)
+        return run_command("inspect", args.text, model=args.model, out=args.out)
 
     p.set_defaults(func=run)
 
@@ -59,9 +60,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> int:
-        from .tasks import run_task
+        from .apps import run_command
 
-        return run_task(args.task, out=args.out, quick=args.quick, seed=args.seed)
+        return run_command("train", args.task, out=args.out, quick=args.quick, seed=args.seed)
 
     p.set_defaults(func=run)
 

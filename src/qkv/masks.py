@@ -29,7 +29,7 @@ with :meth:`Mask.tile`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -41,6 +41,7 @@ __all__ = [
     "FULL",
     "PARTIAL",
     "Mask",
+    "PositionalMask",
     "MaskLike",
     "MaskMod",
     "Shape",
@@ -54,6 +55,7 @@ __all__ = [
     "from_fn",
     "full",
     "global_tokens",
+    "left_padding",
     "padding",
     "prefix_lm",
     "random_blocks",
@@ -90,17 +92,17 @@ def _grid(n: int, block: int, device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 class Mask:
-    """Which (query, key) pairs may attend. Subclasses define ``_eval`` and, ideally, ``_bounds``."""
+    """Which (query, key) pairs may attend. Subclasses define ``evaluate`` and, ideally, ``bounds``."""
 
     #: a short human name shown in ``repr`` and by :func:`qkv.explain`
     name: str = "mask"
 
     # ---- what subclasses define -------------------------------------------------------------
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         """Bool tensor broadcast from the index tensors: True where query ``q`` may see key ``k``."""
         raise NotImplementedError
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor] | None:
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(any, all)`` for tiles ``[qlo, qhi) x [klo, khi)`` (``qlo`` is ``(nq, 1)``, ``klo`` is
         ``(1, nk)``), broadcastable to ``(B, H, nq, nk)``. ``any`` may over-state, ``all`` may
         under-state. ``None`` means: evaluate the tiles."""
@@ -109,10 +111,54 @@ class Mask:
     def check(self, s: Shape) -> None:
         """Raise ``ValueError`` if this mask cannot apply to a problem of shape ``s``."""
 
+    def window(self) -> tuple[int | None, int | None] | None:
+        """``(left, right)`` when this mask is exactly a sliding window: query at aligned position
+        ``p`` sees keys ``p - left <= j <= p + right`` (``None`` = unbounded on that side). ``causal()``
+        is ``(None, 0)``, ``full()`` is ``(None, None)``, ``causal() & sliding_window(256)`` is
+        ``(256, 0)``. ``None`` for every other mask. Kernels with a causal flag or a window size read it."""
+        return None
+
     @property
     def is_causal(self) -> bool:
         """True when this mask is exactly :func:`causal` (what kernels with an ``is_causal`` flag take)."""
-        return False
+        return self.window() == (None, 0)
+
+    @property
+    def is_full(self) -> bool:
+        """True when this mask lets every query see every key (:func:`full`)."""
+        return self.window() == (None, None)
+
+    def shard_blocker(self) -> str | None:
+        """``None`` when the mask can be evaluated on GLOBAL positions of a sequence split over ranks
+        (ring and Ulysses attention) after :meth:`globalize`; otherwise the reason it cannot.
+
+        A mask that only compares positions can; one that holds per-position data of the local shard
+        must say how to gather it (override :meth:`globalize` and this method). The default is the
+        safe answer: a mask that does not say cannot be sharded."""
+        return (
+            f"mask {self.name} does not say how it maps to global positions of a sequence split over ranks"
+            " (a Mask subclass must override shard_blocker() and globalize() to be used with ring/ulysses)"
+        )
+
+    def globalize(self, gather: Callable[[Tensor], Tensor]) -> Mask:
+        """The mask of the whole sequence, from this mask built with a LOCAL shard's tensors.
+
+        Args:
+            gather: all-gathers a per-position tensor of the local shard ``(..., n)`` along its last
+                dim into the global sequence ``(..., L)`` in natural order.
+
+        Raises ``NotImplementedError`` with :meth:`shard_blocker`'s reason when it cannot."""
+        why = self.shard_blocker()
+        if why is not None:
+            raise NotImplementedError(why)
+        return self
+
+    def cache_key(self) -> Hashable | None:
+        """A hashable that is equal for two masks exactly when they allow the same pairs on every
+        problem (their parameters, and the contents of small tensors they hold), or ``None`` when the
+        mask cannot tell (then plans are cached on the mask object itself). Backends cache their
+        per-mask plans (tile classifications, block masks) under it."""
+        return None
 
     # ---- public API --------------------------------------------------------------------------
     def tile(self, s: Shape, q0: int, q1: int, k0: int, k1: int) -> Tensor:
@@ -123,7 +169,7 @@ class Mask:
         h = torch.arange(s.H, device=dev).view(1, -1, 1, 1)
         q = torch.arange(q0, q1, device=dev).view(1, 1, -1, 1)
         k = torch.arange(k0, k1, device=dev).view(1, 1, 1, -1)
-        out = self._eval(s, b, h, q, k)
+        out = self.evaluate(s, b, h, q, k)
         if not isinstance(out, Tensor):
             out = torch.tensor(bool(out), device=dev)
         while out.dim() < 4:
@@ -162,7 +208,7 @@ class Mask:
         s = Shape(B, H, Lq, Lk)
 
         def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return self._eval(s, b, h, q_idx, kv_idx)
+            return self.evaluate(s, b, h, q_idx, kv_idx)
 
         return mod
 
@@ -181,6 +227,13 @@ class Mask:
         self.check(s)
         self._to_device(dev)
         return create_block_mask(self.mask_mod(Lq, Lk, B, H), B, H, Lq, Lk, device=str(dev), BLOCK_SIZE=BLOCK_SIZE)
+
+    def to(self, device: torch.device | str) -> Mask:
+        """Move the tensors this mask holds (ids, lengths, layouts) to ``device`` in place, as
+        ``nn.Module.to`` does, and return the mask. Kernels that capture them (a compiled
+        FlexAttention ``mask_mod``) need them on the device of the queries; evaluating works anywhere."""
+        self._to_device(torch.device(device))
+        return self
 
     def _to_device(self, device: torch.device) -> None:
         """Move tensors the mask holds (ids, lengths, layouts) to ``device``; default: nothing."""
@@ -208,7 +261,7 @@ class Mask:
     def _any_all(self, s: Shape, bq: int, bk: int) -> tuple[Tensor, Tensor]:
         qlo, qhi = _grid(s.Lq, bq, s.device)
         klo, khi = _grid(s.Lk, bk, s.device)
-        got = self._bounds(s, qlo[:, None], qhi[:, None], klo[None, :], khi[None, :])
+        got = self.bounds(s, qlo[:, None], qhi[:, None], klo[None, :], khi[None, :])
         if got is not None:
             return got
         return _evaluate_tiles(self, s, bq, bk)
@@ -242,35 +295,69 @@ def _evaluate_tiles(m: Mask, s: Shape, bq: int, bk: int) -> tuple[Tensor, Tensor
 # algebra
 
 
-class _And(Mask):
+def _tensor_key(t: Tensor) -> Hashable | None:
+    """A content key for a small tensor a mask holds (ids, lengths, layouts); ``None`` when large or
+    while tracing (a compiled region must not read tensor contents)."""
+    if t.numel() > 1 << 18 or torch.compiler.is_compiling():
+        return None
+    return (str(t.dtype), tuple(t.shape), t.detach().cpu().contiguous().numpy().tobytes())
+
+
+class _Binary(Mask):
+    """``a & b`` or ``a | b``: every question is answered from the two operands' answers."""
+
+    op = "&"
+
     def __init__(self, a: Mask, b: Mask):
         self.a, self.b = a, b
-        self.name = f"({a.name} & {b.name})"
-
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return self.a._eval(s, b, h, q, k) & self.b._eval(s, b, h, q, k)
+        self.name = f"({a.name} {self.op} {b.name})"
 
     def check(self, s: Shape) -> None:
         self.a.check(s)
         self.b.check(s)
 
-    def _any_all(self, s: Shape, bq: int, bk: int) -> tuple[Tensor, Tensor]:
-        a_any, a_all = self.a._any_all(s, bq, bk)
-        b_any, b_all = self.b._any_all(s, bq, bk)
-        return a_any & b_any, a_all & b_all
+    def shard_blocker(self) -> str | None:
+        return self.a.shard_blocker() or self.b.shard_blocker()
+
+    def globalize(self, gather: Callable[[Tensor], Tensor]) -> Mask:
+        return type(self)(self.a.globalize(gather), self.b.globalize(gather))
+
+    def cache_key(self) -> Hashable | None:
+        ka, kb = self.a.cache_key(), self.b.cache_key()
+        return None if ka is None or kb is None else (self.op, ka, kb)
 
     def _to_device(self, device: torch.device) -> None:
         self.a._to_device(device)
         self.b._to_device(device)
 
 
-class _Or(_And):
-    def __init__(self, a: Mask, b: Mask):
-        super().__init__(a, b)
-        self.name = f"({a.name} | {b.name})"
+class _And(_Binary):
+    op = "&"
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return self.a._eval(s, b, h, q, k) | self.b._eval(s, b, h, q, k)
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return self.a.evaluate(s, b, h, q, k) & self.b.evaluate(s, b, h, q, k)
+
+    def _any_all(self, s: Shape, bq: int, bk: int) -> tuple[Tensor, Tensor]:
+        a_any, a_all = self.a._any_all(s, bq, bk)
+        b_any, b_all = self.b._any_all(s, bq, bk)
+        return a_any & b_any, a_all & b_all
+
+    def window(self) -> tuple[int | None, int | None] | None:
+        wa, wb = self.a.window(), self.b.window()
+        if wa is None or wb is None:
+            return None
+        return _tighter(wa[0], wb[0]), _tighter(wa[1], wb[1])
+
+
+def _tighter(x: int | None, y: int | None) -> int | None:
+    return y if x is None else x if y is None else min(x, y)
+
+
+class _Or(_Binary):
+    op = "|"
+
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return self.a.evaluate(s, b, h, q, k) | self.b.evaluate(s, b, h, q, k)
 
     def _any_all(self, s: Shape, bq: int, bk: int) -> tuple[Tensor, Tensor]:
         a_any, a_all = self.a._any_all(s, bq, bk)
@@ -283,8 +370,8 @@ class _Not(Mask):
         self.a = a
         self.name = f"~{a.name}"
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return ~self.a._eval(s, b, h, q, k)
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return ~self.a.evaluate(s, b, h, q, k)
 
     def check(self, s: Shape) -> None:
         self.a.check(s)
@@ -293,21 +380,49 @@ class _Not(Mask):
         a_any, a_all = self.a._any_all(s, bq, bk)
         return ~a_all, ~a_any
 
+    def shard_blocker(self) -> str | None:
+        return self.a.shard_blocker()
+
+    def globalize(self, gather: Callable[[Tensor], Tensor]) -> Mask:
+        return _Not(self.a.globalize(gather))
+
+    def cache_key(self) -> Hashable | None:
+        k = self.a.cache_key()
+        return None if k is None else ("~", k)
+
     def _to_device(self, device: torch.device) -> None:
         self.a._to_device(device)
+
+
+class PositionalMask(Mask):
+    """Base of masks that only compare positions (no per-position data of a shard): they apply to a
+    sequence split over ranks as they are, and their type and ``params`` (a tuple of the numbers that
+    define them; set it in ``__init__``) are their cache key. Subclass it for a mask of your own that
+    is a formula of the indices; subclass :class:`Mask` when it holds per-position data."""
+
+    params: tuple[Any, ...] = ()
+
+    def shard_blocker(self) -> str | None:
+        return None
+
+    def cache_key(self) -> Hashable | None:
+        return (type(self).__qualname__, self.params)
 
 
 # ------------------------------------------------------------------------------------------------
 # positional masks (formula in aligned positions: query i stands at i + Lk - Lq)
 
 
-class _Full(Mask):
+class _Full(PositionalMask):
     name = "full"
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def window(self) -> tuple[int | None, int | None] | None:
+        return None, None
+
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return torch.ones_like(q - k, dtype=torch.bool)
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.ones_like(qlo + klo, dtype=torch.bool)
         return t, t
 
@@ -317,17 +432,17 @@ def full() -> Mask:
     return _Full()
 
 
-class _Window(Mask):
+class _Window(PositionalMask):
     """Keys ``j`` with ``p - left <= j <= p + right`` where ``p = i + Lk - Lq``; ``None`` = unbounded."""
 
     def __init__(self, left: int | None, right: int | None, name: str):
         self.left, self.right, self.name = left, right, name
+        self.params = (left, right)
 
-    @property
-    def is_causal(self) -> bool:
-        return type(self) is _Window and self.left is None and self.right == 0
+    def window(self) -> tuple[int | None, int | None] | None:
+        return self.left, self.right
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         d = k - (q + s.offset)  # how far right of the query's own position the key lies
         ok = torch.ones_like(d, dtype=torch.bool)
         if self.right is not None:
@@ -336,7 +451,7 @@ class _Window(Mask):
             ok = ok & (d >= -self.left)
         return ok
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
         off = s.offset
         # d = k - q - off ranges over [klo - (qhi-1) - off, (khi-1) - qlo - off] in a tile
         dmin = klo - (qhi - 1) - off
@@ -391,11 +506,16 @@ def _as_index_tensor(x: int | Sequence[int] | Tensor, what: str) -> Tensor:
         raise TypeError(f"{what} must be an int, a sequence of ints or an integer tensor, got {x!r}") from e
 
 
-class _KeyBelow(Mask):
-    """Keys ``j < n`` (per batch row when ``n`` is a ``(B,)`` tensor); raw key indices."""
+class _KeyBelow(PositionalMask):
+    """Keys ``j < n`` (per batch row when ``n`` is a ``(B,)`` tensor); raw key indices. Lengths are
+    global, so the mask shards as it is."""
 
     def __init__(self, n: Tensor, what: str, name: str, axis: str = "k", bounded: bool = True):
         self.n, self.what, self.name, self.axis, self.bounded = n, what, name, axis, bounded
+
+    def cache_key(self) -> Hashable | None:
+        n = _tensor_key(self.n)
+        return None if n is None else ("below", self.axis, self.bounded, n)
 
     def check(self, s: Shape) -> None:
         n = self.n
@@ -419,11 +539,11 @@ class _KeyBelow(Mask):
             return n[0]
         return n[b]
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         idx = k if self.axis == "k" else q
         return (idx < self._n(b)) & torch.ones_like(q + k, dtype=torch.bool)
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
         n = self.n.to(qlo.device)
         if n.dim() == 1:
             n = n.view(-1, 1, 1, 1)
@@ -449,6 +569,65 @@ def padding(kv_lengths: int | Sequence[int] | Tensor, q_lengths: int | Sequence[
     return m
 
 
+class _KeyFrom(PositionalMask):
+    """Keys ``j >= start`` (per batch row when ``start`` is a ``(B,)`` tensor); raw key indices. The starts
+    are global positions, so the mask shards as it is."""
+
+    def __init__(self, start: Tensor):
+        self.start = start
+        self.name = "left_padding"
+
+    def cache_key(self) -> Hashable | None:
+        st = _tensor_key(self.start)
+        return None if st is None else ("from", st)
+
+    def check(self, s: Shape) -> None:
+        st = self.start
+        if st.dim() > 1 or (st.dim() == 1 and st.shape[0] not in (1, s.B)):
+            raise ValueError(
+                f"left_padding: starts must be an int or hold one start per batch row: got shape {tuple(st.shape)}"
+                f" for batch size B={s.B}"
+            )
+        if st.numel() and (int(st.min()) < 0 or int(st.max()) > s.Lk):
+            raise ValueError(
+                f"left_padding: starts must lie in [0, {s.Lk}] (Lk={s.Lk}), got values in"
+                f" [{int(st.min())}, {int(st.max())}]"
+            )
+
+    def _start(self, b: Tensor) -> Tensor:
+        st = self.start.to(b.device)
+        if st.dim() == 0:
+            return st
+        return st[0] if st.shape[0] == 1 else st[b]
+
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return (k >= self._start(b)) & torch.ones_like(q + k, dtype=torch.bool)
+
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+        st = self.start.to(qlo.device)
+        if st.dim() == 1:
+            st = st.view(-1, 1, 1, 1)
+        shape_ref = torch.zeros_like(qlo + klo)
+        return ((khi - 1) >= st) | (shape_ref > 0), (klo >= st) | (shape_ref > 0)
+
+    def _to_device(self, device: torch.device) -> None:
+        self.start = self.start.to(device)
+
+
+def left_padding(starts: int | Sequence[int] | Tensor) -> Mask:
+    """Left-padded batches: batch row ``b``'s real keys begin at ``starts[b]`` (keys ``j >= starts[b]``).
+
+    What a decoder's batch looks like when its prompts are padded on the left (Hugging Face's
+    ``generate``): the padding sits before the first real token and stays there while the KV cache
+    grows, so the start, not the length, is what stays fixed. Combine with :func:`causal` (and with
+    :func:`padding` when a row is padded on both sides). Tiles are classified from the starts alone.
+
+    Args:
+        starts: an int, or one start per batch row, shape ``(B,)``; each in ``[0, Lk]`` (``Lk``: no key).
+    """
+    return _KeyFrom(_as_index_tensor(starts, "left_padding: starts"))
+
+
 def prefix_lm(prefix_len: int | Sequence[int] | Tensor) -> Mask:
     """Prefix LM (T5, UniLM): every query sees the first ``prefix_len`` keys, and the rest causally.
 
@@ -468,12 +647,16 @@ class _Dilated(_Window):
     def __init__(self, left: int | None, right: int | None, dilation: int):
         super().__init__(left, right, f"dilated({left}, {right}, dilation={dilation})")
         self.dilation = dilation
+        self.params = (left, right, dilation)
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return super()._eval(s, b, h, q, k) & ((q + s.offset - k) % self.dilation == 0)
+    def window(self) -> tuple[int | None, int | None] | None:
+        return (self.left, self.right) if self.dilation == 1 else None
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        any_, all_ = super()._bounds(s, qlo, qhi, klo, khi)
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return super().evaluate(s, b, h, q, k) & ((q + s.offset - k) % self.dilation == 0)
+
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+        any_, all_ = super().bounds(s, qlo, qhi, klo, khi)
         if self.dilation == 1:
             return any_, all_
         # a tile of width >= dilation (or a query tile of height >= 2) always holds a gap; only a
@@ -481,27 +664,33 @@ class _Dilated(_Window):
         return any_, torch.zeros_like(all_)
 
 
-def dilated(left: int, dilation: int, right: int = 0) -> Mask:
+def dilated(left: int | None, dilation: int, right: int = 0) -> Mask:
     """Dilated (strided) local attention, Child et al. 2019: query at position ``p = i + Lk - Lq``
     sees keys ``j`` with ``p - left <= j <= p + right`` and ``(p - j) % dilation == 0``.
 
-    ``dilated(L, L)`` with a large ``left`` is Child et al.'s strided pattern; combine it with
+    ``dilated(None, L)`` (no left limit) is Child et al.'s strided pattern; combine it with
     ``sliding_window`` for their two-head factorisation.
     """
     if not isinstance(dilation, int) or dilation < 1:
         raise ValueError(f"dilated: dilation must be an int >= 1, got {dilation!r}")
     for arg, val in (("left", left), ("right", right)):
+        if val is None and arg == "left":
+            continue
         if not isinstance(val, int) or val < 0:
             raise ValueError(f"dilated: {arg} must be an int >= 0, got {arg}={val!r}")
     return _Dilated(left, right, dilation)
 
 
-class _Global(Mask):
+class _Global(PositionalMask):
     """Longformer's global tokens: global positions see everything and are seen by everything."""
 
     def __init__(self, idx: Tensor):
         self.idx = idx.flatten().unique()
         self.name = f"global_tokens({self.idx.numel()})"
+
+    def cache_key(self) -> Hashable | None:
+        idx = _tensor_key(self.idx)
+        return None if idx is None else ("global", idx)
 
     def check(self, s: Shape) -> None:
         if self.idx.numel() and (int(self.idx.min()) < 0 or int(self.idx.max()) >= s.Lk):
@@ -516,14 +705,14 @@ class _Global(Mask):
             return torch.zeros_like(pos, dtype=torch.bool)
         return torch.isin(pos, idx) if pos.dim() else (pos == idx).any()
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return self._is_global(k) | self._is_global(q + s.offset)
 
     def _count(self, lo: Tensor, hi: Tensor, offset: int = 0) -> Tensor:
         idx = self.idx.to(lo.device)
         return torch.searchsorted(idx, hi + offset) - torch.searchsorted(idx, lo + offset)
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
         kc, qc = self._count(klo, khi), self._count(qlo, qhi, s.offset)
         any_ = (kc > 0) | (qc > 0)
         all_ = (kc == (khi - klo)) | (qc == (qhi - qlo))
@@ -574,13 +763,13 @@ class _Document(Mask):
             if ids.dim() == 2 and ids.shape[0] not in (1, s.B):
                 raise ValueError(f"document: {what} has batch {ids.shape[0]} but B={s.B} (shape {tuple(ids.shape)})")
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         qi, ki = _ids_2d(self.q_ids.to(q.device)), _ids_2d(self.kv_ids.to(q.device))
         bq = b if qi.shape[0] > 1 else torch.zeros_like(b)
         bk = b if ki.shape[0] > 1 else torch.zeros_like(b)
         return qi[bq, q] == ki[bk, k]
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
         qmin, qmax = _block_minmax(_ids_2d(self.q_ids.to(qlo.device)), s.Lq, qlo.shape[0], int((qhi - qlo).max()))
         kmin, kmax = _block_minmax(_ids_2d(self.kv_ids.to(qlo.device)), s.Lk, klo.shape[1], int((khi - klo).max()))
         # (Bi, nq, 1) against (Bi, 1, nk)
@@ -591,6 +780,18 @@ class _Document(Mask):
 
     def _to_device(self, device: torch.device) -> None:
         self.q_ids, self.kv_ids = self.q_ids.to(device), self.kv_ids.to(device)
+
+    def shard_blocker(self) -> str | None:
+        return None
+
+    def globalize(self, gather: Callable[[Tensor], Tensor]) -> Mask:
+        """The ids are the local shard's: gather them into the whole sequence's."""
+        qi = gather(self.q_ids)
+        return _Document(qi, qi if self.kv_ids is self.q_ids else gather(self.kv_ids))
+
+    def cache_key(self) -> Hashable | None:
+        qk, kk = _tensor_key(self.q_ids), _tensor_key(self.kv_ids)
+        return None if qk is None or kk is None else ("document", qk, kk)
 
 
 def _block_minmax(ids: Tensor, L: int, n: int, block: int) -> tuple[Tensor, Tensor]:
@@ -659,9 +860,23 @@ class _VarlenCausal(Mask):
         # key position allowed: j - ck[d] <= i - cq[d] + nk[d] - nq[d]  <=>  j - i <= shift[d]
         self.shift = ck[:-1] - cq[:-1] + nk - nq
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         d = torch.searchsorted(self.cq[1:].to(q.device), q, right=True).clamp(max=self.shift.numel() - 1)
         return (k - q) <= self.shift.to(q.device)[d]
+
+    def shard_blocker(self) -> str | None:
+        return _tied_to_layout(self)
+
+    def cache_key(self) -> Hashable | None:
+        cq, ck = _tensor_key(self.cq), _tensor_key(self.ck)
+        return None if cq is None or ck is None else ("varlen_causal", cq, ck)
+
+
+def _tied_to_layout(m: Mask) -> str:
+    return (
+        f"mask {m.name} is tied to a layout of the whole sequence; sequence-parallel attention takes"
+        " positional masks (causal, sliding_window, ...), document(local ids) and mask_mod functions"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -675,14 +890,18 @@ class _BlockSparse(Mask):
     def __init__(self, layout: Tensor, block_q: int, block_k: int, name: str = "block_sparse"):
         self.layout, self.block_q, self.block_k, self.name = layout, block_q, block_k, name
 
-    def _layout4(self, device: torch.device) -> Tensor:
-        lay = self.layout.to(device)
+    def _layout_at(self, s: Shape) -> Tensor:
+        """The layout for a problem of shape ``s`` (read only: evaluated inside FlexAttention's trace)."""
+        return self.layout
+
+    def _layout4(self, device: torch.device, s: Shape) -> Tensor:
+        lay = self._layout_at(s).to(device)
         while lay.dim() < 4:
             lay = lay.unsqueeze(0)
         return lay
 
     def check(self, s: Shape) -> None:
-        lay = self._layout4(torch.device("cpu"))
+        lay = self._layout4(torch.device("cpu"), s)
         need = (math.ceil(s.Lq / self.block_q), math.ceil(s.Lk / self.block_k))
         if tuple(lay.shape[-2:]) != need or lay.shape[0] not in (1, s.B) or lay.shape[1] not in (1, s.H):
             raise ValueError(
@@ -691,14 +910,14 @@ class _BlockSparse(Mask):
                 f" (..., {need[0]}, {need[1]})"
             )
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        lay = self._layout4(q.device)
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        lay = self._layout4(q.device, s)
         bb = b if lay.shape[0] > 1 else torch.zeros_like(b)
         hh = h if lay.shape[1] > 1 else torch.zeros_like(h)
         return lay[bb, hh, q // self.block_q, k // self.block_k]
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        lay = self._layout4(qlo.device).long()
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+        lay = self._layout4(qlo.device, s).long()
         # 2-D prefix sums over the layout count true blocks in any rectangle of blocks
         P = torch.nn.functional.pad(lay.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
         r0, r1 = qlo // self.block_q, (qhi - 1) // self.block_q + 1  # (nq, 1)
@@ -708,6 +927,13 @@ class _BlockSparse(Mask):
 
     def _to_device(self, device: torch.device) -> None:
         self.layout = self.layout.to(device)
+
+    def shard_blocker(self) -> str | None:
+        return _tied_to_layout(self)
+
+    def cache_key(self) -> Hashable | None:
+        lay = _tensor_key(self.layout)
+        return None if lay is None else ("block_sparse", lay, self.block_q, self.block_k)
 
 
 def block_sparse(layout: Tensor, block_size: int | tuple[int, int]) -> Mask:
@@ -753,13 +979,15 @@ class _RandomBlocks(_BlockSparse):
     def check(self, s: Shape) -> None:
         self.layout = self._layout_for(s)
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        self.layout = self._layout_for(s)
-        return super()._eval(s, b, h, q, k)
+    def cache_key(self) -> Hashable | None:
+        return ("random_blocks", self.num_blocks, self.block_q, self.seed)
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        self.layout = self._layout_for(s)
-        return super()._bounds(s, qlo, qhi, klo, khi)
+    def _layout_at(self, s: Shape) -> Tensor:
+        return self._layout_for(s)
+
+    def _to_device(self, device: torch.device) -> None:
+        super()._to_device(device)
+        self._cache = {key: lay.to(device) for key, lay in self._cache.items()}
 
 
 def random_blocks(num_blocks: int, block_size: int, seed: int = 0) -> Mask:
@@ -787,7 +1015,7 @@ class _Dense(Mask):
         if len(got) > 4 or any(g not in (1, w) for g, w in zip(reversed(got), reversed(want))):
             raise ValueError(f"mask of shape {got} does not broadcast to (B, H, Lq, Lk) = {want}")
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         t = self._t4(q.device)
         idx = [x if t.shape[i] > 1 else torch.zeros_like(x) for i, x in enumerate((b, h, q, k))]
         return t[idx[0], idx[1], idx[2], idx[3]]
@@ -799,6 +1027,13 @@ class _Dense(Mask):
 
     def _to_device(self, device: torch.device) -> None:
         self.t = self.t.to(device)
+
+    def shard_blocker(self) -> str | None:
+        return _tied_to_layout(self)
+
+    def cache_key(self) -> Hashable | None:
+        t = _tensor_key(self.t)
+        return None if t is None else ("dense", t)
 
 
 def from_dense(mask: Tensor) -> Mask:
@@ -821,7 +1056,7 @@ class _Fn(Mask):
     def __init__(self, fn: MaskMod, name: str):
         self.fn, self.name = fn, name
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         out = self.fn(b, h, q, k)
         if not isinstance(out, Tensor) or out.dtype != torch.bool:
             raise TypeError(
@@ -830,13 +1065,20 @@ class _Fn(Mask):
             )
         return out
 
+    def shard_blocker(self) -> str | None:
+        return None  # a mask_mod speaks global indices
+
+    def cache_key(self) -> Hashable | None:
+        return ("fn", self.fn)
+
 
 def from_fn(mask_mod: MaskMod, name: str | None = None) -> Mask:
     """A mask from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
 
     The function receives raw indices (no bottom-right shift) as broadcastable integer tensors and
-    must be built from tensor operations (as FlexAttention requires). Tiles are classified by
-    evaluating them."""
+    must be built from tensor operations (as FlexAttention requires) and be pure: the same function
+    object must always allow the same pairs, because plans (tile classifications) are cached per
+    function object. Tiles are classified by evaluating them."""
     if not callable(mask_mod):
         raise TypeError(f"from_fn: mask_mod must be callable, got {type(mask_mod).__name__}")
     return _Fn(mask_mod, name or str(getattr(mask_mod, "__name__", "mask_mod")))

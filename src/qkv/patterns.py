@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import masks as M
-from .masks import Mask, Shape
+from .masks import Mask, PositionalMask, Shape
 
 __all__ = ["bigbird", "fixed", "longformer", "strided"]
 
@@ -70,22 +70,23 @@ def strided(stride: int) -> Mask:
         stride: ``l >= 1``, about ``sqrt(L)`` in the paper.
     """
     s = _int("strided: stride", stride, 1)
-    return M.sliding_window(s - 1, 0) | M._Dilated(None, 0, s)
+    return M.sliding_window(s - 1, 0) | M.dilated(None, s)
 
 
-class _SameBlock(Mask):
+class _SameBlock(PositionalMask):
     """Query at ``p`` and key ``j`` in the same block of ``size``: ``floor(p / size) == floor(j / size)``."""
 
     def __init__(self, size: int):
         self.size = size
+        self.params = (size,)
         self.name = f"same_block({size})"
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return torch.div(q + s.offset, self.size, rounding_mode="floor") == torch.div(
             k, self.size, rounding_mode="floor"
         )
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
         n = self.size
         q0 = torch.div(qlo + s.offset, n, rounding_mode="floor")
         q1 = torch.div(qhi - 1 + s.offset, n, rounding_mode="floor")
@@ -94,14 +95,15 @@ class _SameBlock(Mask):
         return (q0 <= k1) & (k0 <= q1), (q0 == q1) & (k0 == k1) & (q0 == k0)
 
 
-class _SummaryColumns(Mask):
+class _SummaryColumns(PositionalMask):
     """Keys ``j`` with ``j % size >= size - c``: the last ``c`` positions of every block."""
 
     def __init__(self, size: int, c: int):
         self.size, self.c = size, c
+        self.params = (size, c)
         self.name = f"summary_columns({size}, {c})"
 
-    def _eval(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return (k % self.size >= self.size - self.c) & torch.ones_like(q, dtype=torch.bool)
 
     def _count_below(self, n: Tensor) -> Tensor:
@@ -109,7 +111,7 @@ class _SummaryColumns(Mask):
         per, rem = torch.div(n, self.size, rounding_mode="floor"), n % self.size
         return per * self.c + torch.clamp(rem - (self.size - self.c), min=0)
 
-    def _bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
+    def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
         cnt = self._count_below(khi) - self._count_below(klo)
         ref = torch.zeros_like(qlo + klo)
         return (cnt > 0) | (ref > 0), (cnt == khi - klo) | (ref > 0)

@@ -39,13 +39,13 @@ ScoreModFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 class ScoreMod:
-    """A change to the attention scores; subclasses define ``_apply``."""
+    """A change to the attention scores; subclasses define ``apply``."""
 
     name: str = "score_mod"
     #: whether the mod only adds a bias that depends on indices (then ``additive_bias`` is not None)
     additive: bool = False
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         """Return the new scores; ``score`` broadcasts with ``b (B,1,1,1)``, ``h``, ``q``, ``k``."""
         raise NotImplementedError
 
@@ -62,9 +62,16 @@ class ScoreMod:
         s = Shape(B, H, Lq, Lk)
 
         def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return self._apply(s, score, b, h, q_idx, kv_idx)
+            return self.apply(s, score, b, h, q_idx, kv_idx)
 
         return mod
+
+    def to(self, device: torch.device | str) -> ScoreMod:
+        """Move the constant tensors this score mod holds (ALiBi's slopes) to ``device`` in place and
+        return it; tensors the caller passed in (a learned bias) stay where the caller keeps them.
+        Kernels that capture them (a compiled FlexAttention ``score_mod``) need them on the device
+        of the queries."""
+        return self
 
     def then(self, other: ScoreMod | ScoreModFn) -> ScoreMod:
         """This score mod, then ``other``."""
@@ -80,14 +87,19 @@ class _Compose(ScoreMod):
         self.name = " -> ".join(m.name for m in mods)
         self.additive = all(m.additive for m in mods)
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         for m in self.mods:
-            score = m._apply(s, score, b, h, q, k)
+            score = m.apply(s, score, b, h, q, k)
         return score
 
     def check(self, s: Shape) -> None:
         for m in self.mods:
             m.check(s)
+
+    def to(self, device: torch.device | str) -> ScoreMod:
+        for m in self.mods:
+            m.to(device)
+        return self
 
     def additive_bias(self, s: Shape) -> Tensor | None:
         total: Tensor | None = None
@@ -124,7 +136,7 @@ class _Additive(ScoreMod):
     def _bias(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return score + self._bias(s, b, h, q, k).to(score.dtype)
 
     def additive_bias(self, s: Shape) -> Tensor | None:
@@ -153,6 +165,10 @@ class _Alibi(_Additive):
         self.symmetric = symmetric
         self.name = f"alibi({num_heads})"
 
+    def to(self, device: torch.device | str) -> ScoreMod:
+        self.slopes = self.slopes.to(device)
+        return self
+
     def check(self, s: Shape) -> None:
         if s.H != self.slopes.numel():
             raise ValueError(f"alibi: built for {self.slopes.numel()} heads but q has H={s.H} heads")
@@ -180,7 +196,7 @@ class _Softcap(ScoreMod):
         self.cap = float(cap)
         self.name = f"softcap({cap:g})"
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return self.cap * torch.tanh(score / self.cap)
 
 
@@ -260,7 +276,7 @@ class _Bias(ScoreMod):
         if len(got) > 4 or any(g not in (1, w) for g, w in zip(reversed(got), reversed(want))):
             raise ValueError(f"bias of shape {got} does not broadcast to (B, H, Lq, Lk) = {want}")
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         t = self.t
         while t.dim() < 4:
             t = t.unsqueeze(0)
@@ -288,7 +304,7 @@ class _Fn(ScoreMod):
         self.fn = fn
         self.name = getattr(fn, "__name__", "score_mod")
 
-    def _apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def apply(self, s: Shape, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         out = self.fn(score, b, h, q, k)
         if not isinstance(out, Tensor):
             raise TypeError(f"score_mod {self.name} must return a tensor, got {type(out).__name__}")

@@ -61,6 +61,55 @@ def test_self_previous_next_by_hand():
     assert math.isclose(float(M.offset_mass(w, 1, valid)[0]), 0.8, rel_tol=1e-12)
 
 
+# Lq = 2 queries over Lk = 4 keys: bottom-right, the queries stand at key positions 2 and 3
+RECT = _w(
+    [[0.0, 0.0, 0.0, 1.0], [0.25, 0.0, 0.75, 0.0]],
+    [[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]],
+)
+
+
+def test_mean_distance_when_lq_differs_from_lk_by_hand():
+    # head 0: |2-3| = 1 and 0.25|3-0| + 0.75|3-2| = 1.5; head 1: 0.1*2 + 0.2*1 + 0.4*1 = 0.8 and
+    # 0.4*3 + 0.3*2 + 0.2*1 = 2.0 (top-left alignment would give 2.0 and 1.6)
+    assert torch.allclose(M.mean_distance(RECT), torch.tensor([1.25, 1.4], dtype=torch.float64))
+    assert torch.allclose(M.mean_distance(RECT, torch.tensor([[False, True]])), torch.tensor([1.5, 2.0]).double())
+    # Lq > Lk: three queries over two keys stand at positions -1, 0 and 1
+    w = _w([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    assert math.isclose(float(M.mean_distance(w)[0]), (1 + 1 + 0.5) / 3, rel_tol=1e-12)
+
+
+def test_offset_mass_when_lq_differs_from_lk_by_hand():
+    f64 = torch.float64
+    assert torch.allclose(M.offset_mass(RECT, 0), torch.tensor([0.0, 0.2], dtype=f64))  # keys 2 and 3
+    assert torch.allclose(M.offset_mass(RECT, -1), torch.tensor([0.375, 0.2], dtype=f64))  # keys 1 and 2
+    # next: query 0 -> key 3; query 1's next (key 4) is outside and left out
+    assert torch.allclose(M.offset_mass(RECT, 1), torch.tensor([1.0, 0.4], dtype=f64))
+    assert torch.allclose(M.offset_mass(RECT, -3), torch.tensor([0.25, 0.4], dtype=f64))  # only query 1 -> key 0
+    assert torch.equal(M.offset_mass(RECT, 2), torch.zeros(2, dtype=f64))  # no query has a key 2 ahead
+    # valid speaks of queries only: with query 0 padded, "prev" is query 1's key 2
+    assert torch.allclose(M.offset_mass(RECT, -1, torch.tensor([[False, True]])), torch.tensor([0.75, 0.2]).double())
+    # Lq > Lk: queries at -1, 0, 1; "self" of query 0 is outside
+    w = _w([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    assert math.isclose(float(M.offset_mass(w, 0)[0]), (0.0 + 0.5) / 2, rel_tol=1e-12)
+    # two batch rows, only the second row's query 0 padded
+    w2 = torch.cat([RECT, RECT.flip(-1)])
+    valid = torch.tensor([[True, True], [False, True]])
+    # row 0: 0.0/0.3 and 0.0/0.1 (self); row 1 (keys reversed): query 1 -> key 3 holds 0.25 / 0.4
+    want = torch.tensor([(0.0 + 0.0 + 0.25) / 3, (0.3 + 0.1 + 0.4) / 3], dtype=f64)
+    assert torch.allclose(M.offset_mass(w2, 0, valid), want)
+
+
+def test_entropy_and_mass_on_when_lq_differs_from_lk_by_hand():
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    h1 = [-sum(p * math.log(p) for p in row) for row in ([0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1])]
+    assert torch.allclose(M.head_entropy(RECT), torch.tensor([h / 2, sum(h1) / 2], dtype=torch.float64))
+    valid = torch.tensor([[False, True]])
+    assert torch.allclose(M.head_entropy(RECT, valid), torch.tensor([h, h1[1]], dtype=torch.float64))
+    assert torch.allclose(M.mass_on(RECT, [3]), torch.tensor([0.5, 0.25], dtype=torch.float64))
+    assert torch.allclose(M.mass_on(RECT, [3], valid), torch.tensor([0.0, 0.1], dtype=torch.float64))
+    assert torch.allclose(M.mass_on(RECT, [0, 2]), torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
 def test_token_masks():
     toks = ["[CLS]", "hello", ",", "world", "##!", "...", "[SEP]", "#"]
     assert M.special_positions(toks).tolist() == [1, 0, 0, 0, 0, 0, 1, 0]
@@ -193,7 +242,7 @@ def test_head_importance_equals_finite_differences_of_scaled_values():
     expected = torch.zeros(2, 3, dtype=torch.float64)
     with torch.no_grad():
         for l, layer in enumerate(model.encoder.layer):
-            v = layer.attention.self.value
+            v = layer.attention.self.v_proj
             for h in range(3):
                 rows = slice(4 * h, 4 * h + 4)
                 w0, b0 = v.weight[rows].clone(), v.bias[rows].clone()
@@ -218,7 +267,7 @@ def test_head_ablation_equals_zeroing_the_heads_values():
     with torch.no_grad():
         base = float(_loss(model, batch))
         for l, layer in enumerate(model.encoder.layer):
-            v = layer.attention.self.value
+            v = layer.attention.self.v_proj
             rows = slice(4, 8)  # head 1
             w0, b0 = v.weight[rows].clone(), v.bias[rows].clone()
             v.weight[rows], v.bias[rows] = 0.0, 0.0

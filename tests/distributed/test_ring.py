@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.distributed import global_positions, zigzag_split
-from qkv.distributed._common import zigzag_unshuffle
+from qkv.distributed import global_positions, zigzag_split, zigzag_unshuffle
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -51,6 +50,14 @@ def test_ring_and_ulysses_match_reference(world: int, tmp_path: Path) -> None:
     for r, (c, out) in enumerate(zip(codes, outs)):
         assert c == 0, f"rank {r} of {world} failed:\n{out[-4000:]}"
         assert out.count("ok ") == 16 + 2 * (world == 4), out  # + subgroup cases on 4 ranks
+
+
+def test_ring_with_large_scores(tmp_path: Path) -> None:
+    """Scores of 1e2, 1e4, 1e8 (float32, bfloat16) merged across 2 ranks: finite, within the 2x rule."""
+    codes, outs = _launch("large", 2, tmp_path, timeout=180)
+    for r, (c, out) in enumerate(zip(codes, outs)):
+        assert c == 0, f"rank {r} failed:\n{out[-4000:]}"
+        assert out.count("ok large ") == 3 * 2 * 3, out
 
 
 def test_a_failing_rank_fails_every_rank_fast(tmp_path: Path) -> None:

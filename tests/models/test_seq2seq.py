@@ -72,11 +72,18 @@ def test_transformer_masks_capture_and_greedy():
     with capture_weights(m) as maps:
         m(src, lengths, tin)
     names = [n for n, _ in maps]
-    assert names == ["enc.0.attn", "enc.1.attn", "dec.0.attn", "dec.0.cross", "dec.1.attn", "dec.1.cross"]
+    assert names == [
+        "enc.0.mixer",
+        "enc.1.mixer",
+        "dec.0.self_attn",
+        "dec.0.cross_attn",
+        "dec.1.self_attn",
+        "dec.1.cross_attn",
+    ]
     w = dict(maps)
-    assert (w["dec.0.cross"][2, :, :, 2:] == 0).all()  # padding of source 2 is never attended
-    assert (w["enc.0.attn"][1, :, :, 4:] == 0).all()
-    assert (w["dec.1.attn"][0].triu(1) == 0).all()  # causal decoder self-attention
+    assert (w["dec.0.cross_attn"][2, :, :, 2:] == 0).all()  # padding of source 2 is never attended
+    assert (w["enc.0.mixer"][1, :, :, 4:] == 0).all()
+    assert (w["dec.1.self_attn"][0].triu(1) == 0).all()  # causal decoder self-attention
     toks = m.greedy(src, lengths, 4)
     tf_in = torch.cat([torch.ones(3, 1, dtype=torch.long), toks[:, :-1]], 1)
     pred = m(src, lengths, tf_in).argmax(-1)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from qkv.analysis import attention_rollout, capture
 from qkv.models import ViT
-from qkv.models.vit import attention_rollout
 from qkv.nn import capture_weights, set_backend
 
 
@@ -22,7 +22,7 @@ def test_vit_forward_capture_and_backends():
     assert len(maps) == 3 and all(w.shape == (4, 2, 17, 17) for _, w in maps)
     set_backend(m, "reference")
     torch.testing.assert_close(m(x), out, rtol=1e-5, atol=1e-5)
-    r = m.rollout(x)
+    r = attention_rollout(capture(m, x))[:, 0, 1:].reshape(-1, m.grid, m.grid)  # the class token's map
     assert r.shape == (4, 4, 4) and (r >= 0).all() and (r.sum((1, 2)) <= 1 + 1e-6).all()
     with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
         m(torch.rand(4, 8, 8))

@@ -76,6 +76,48 @@ def test_ring_buffer_equals_windowed_recompute(window: int, Hkv: int, pos: str, 
     assert cache.k is not None and cache.k.shape[2] == window  # memory stays O(window)
 
 
+@pytest.mark.parametrize("window", [1, 2, 3, 5])
+@pytest.mark.parametrize("chunks", [[4, 2, 1, 1, 3, 1], [1, 1, 1, 1, 4, 4], [7, 1, 2, 1, 1], [2, 2, 2, 2]])
+def test_ring_buffer_keeps_exactly_the_last_window_tokens(window: int, chunks: list[int]) -> None:
+    """Each key holds its own position, so what an update returns can be read off: a multi-token update
+    attends to the ``window`` stored tokens (down to the oldest, at the window's edge) then the new ones,
+    in order; a one-token update to the last ``window`` tokens, with their positions once wrapped."""
+    cache = SlidingWindowKVCache(window)
+    seen = 0
+    with torch.no_grad():
+        for L in chunks:
+            pos = torch.arange(seen, seen + L, dtype=D64)
+            k = pos.view(1, 1, L, 1).expand(2, 3, L, 4)
+            v = -pos.view(1, 1, L, 1).expand(2, 3, L, 2)
+            kk, vv, positions = cache.update(k, v)
+            first = max(0, seen - window) if L > 1 else max(0, seen + L - window)
+            want = torch.arange(first, seen + L)
+            got = torch.arange(kk.shape[2]) if positions is None else positions
+            if L > 1:  # stored tokens then the new ones, in order
+                assert got.tolist() == want.tolist(), (seen, L)
+            else:  # the slots, out of order once wrapped
+                assert sorted(got.tolist()) == want.tolist(), (seen, L)
+            assert torch.equal(kk[0, 0, :, 0], got.to(D64)) and torch.equal(vv[1, 2, :, 1], -got.to(D64))
+            assert (kk == kk[:1, :1, :, :1]).all() and (vv == vv[:1, :1, :, :1]).all()
+            seen += L
+    assert cache.seen == seen and cache.k is not None and cache.k.shape[2] == window
+
+
+def test_ring_buffer_prompt_after_a_wrap_sees_the_token_at_the_window_edge() -> None:
+    """A wider mask (every stored token) after the buffer has wrapped: the oldest stored token, at the
+    window's edge, changes the answer, so a buffer that kept one token fewer gives a different output."""
+    torch.manual_seed(0)
+    window = 3
+    m = MultiHeadAttention(8, 2).double().eval()
+    x = torch.randn(1, 9, 8, dtype=D64)
+    cache = SlidingWindowKVCache(window)
+    with torch.no_grad():
+        m(x[:, :5], mask=causal(), cache=cache)  # keeps tokens 2, 3, 4
+        got = m(x[:, 5:9], mask=causal() & sliding_window(6), cache=cache)  # token 5 reaches back to 2 .. 5
+        want = m(x[:, 2:9], mask=causal())[:, 3:]  # the same keys and values, recomputed
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_ring_buffer_with_absolute_position_mask() -> None:
     """A mask on absolute key positions (the first two tokens hidden, as left padding would) is rebuilt
     on the positions the ring holds once it has wrapped around."""

@@ -7,10 +7,15 @@
   collapse diagnostics, head importance, and :func:`head_table`.
 - Pictures: :func:`plot_head`, :func:`plot_grid`, :func:`plot_alignment` (matplotlib PNGs) and
   :func:`write_viewer`, one self-contained interactive HTML page for every layer and head.
-- ``qkv inspect "text"`` (:func:`qkv.analysis.inspect.run_inspect`) does it all for a real model.
+- Interventions go through the named hook points of every qkv attention module (:mod:`qkv.nn.hooks`:
+  ``hook_scores``, ``hook_weights``, ``hook_heads``, ...): :func:`scale_heads` (head masks, ablation,
+  importance), or any hook with :func:`qkv.nn.hooked`.
+- :func:`write_head_report`: all of it in one folder (viewer, PNGs, per-head table, summary), what
+  ``qkv inspect "text"`` writes for a real model.
 """
 
 from .capture import AttentionMaps, capture
+from .interventions import attention_modules, scale_heads
 from .measures import (
     attention_flow,
     attention_rollout,
@@ -25,15 +30,20 @@ from .measures import (
     mean_distance,
     offset_mass,
     punctuation_positions,
+    sink_rate,
+    sink_scores,
     special_positions,
     strongest_heads,
 )
 from .render import downsample_max, plot_alignment, plot_grid, plot_head
+from .report import HeadReport, write_head_report
 from .viewer import write_viewer
 
 __all__ = [
     "AttentionMaps",
+    "HeadReport",
     "attention_flow",
+    "attention_modules",
     "attention_rollout",
     "capture",
     "collapse",
@@ -47,11 +57,15 @@ __all__ = [
     "mean_distance",
     "offset_mass",
     "punctuation_positions",
+    "scale_heads",
+    "sink_rate",
+    "sink_scores",
     "special_positions",
     "strongest_heads",
     "downsample_max",
     "plot_alignment",
     "plot_grid",
     "plot_head",
+    "write_head_report",
     "write_viewer",
 ]

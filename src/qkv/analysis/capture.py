@@ -2,13 +2,14 @@
 
 :func:`capture` works on three kinds of model, found by looking at the model:
 
-- qkv models (any tree of :class:`qkv.nn.AttentionModule`): through :func:`qkv.nn.capture_weights`, which
-  switches each layer to a backend that returns weights for the pass;
+- qkv models (any tree of :class:`qkv.nn.AttentionModule`): through :func:`qkv.nn.capture_weights`, a hook on
+  each layer's ``hook_weights`` point (the layer asks its backend for the weights while it is hooked);
 - any module tree that contains ``torch.nn.MultiheadAttention`` (``nn.Transformer*`` layers included): each
   such module is called with ``need_weights=True, average_attn_weights=False`` and PyTorch's fused fast path
   is switched off for the pass;
-- Hugging Face ``transformers`` models: run with ``output_attentions=True, return_dict=True`` (switched to the ``eager``
-  attention implementation for the pass when the model uses another one).
+- Hugging Face ``transformers`` models: run with ``output_attentions=True, return_dict=True``. Models whose attention
+  layers call HF's attention interface (``model.is_backend_compatible()``) run the pass on ``attn_implementation="qkv"``
+  (:mod:`qkv.hf`: qkv's weights on demand, the mask as structure); other models are switched to ``eager`` for the pass.
 """
 
 from __future__ import annotations
@@ -122,12 +123,24 @@ def capture(
     return AttentionMaps(weights=weights, names=names, tokens=toks, attention_mask=mask, output=out)
 
 
+def _weights_implementation(model: nn.Module, current: str | None) -> str | None:
+    """The attention implementation that returns weights for ``model``: the current one when it does (``eager``, a
+    ``qkv.hf`` one), ``"qkv"`` when the model's layers call HF's attention interface, ``"eager"`` otherwise."""
+    compatible = getattr(model, "is_backend_compatible", None)
+    if callable(compatible) and compatible():
+        from ..hf import is_qkv, register
+
+        return current if is_qkv(current) else register()
+    return current if current in (None, "eager") else "eager"
+
+
 def _capture_hf(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[str], list[Tensor], Any]:
     cfg = getattr(model, "config", None)
     before = getattr(cfg, "_attn_implementation", None)
-    switch = before not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    target = _weights_implementation(model, before)
+    switch = target != before and hasattr(model, "set_attn_implementation")
     if switch:
-        model.set_attn_implementation("eager")  # type: ignore[operator]
+        model.set_attn_implementation(target)  # type: ignore[operator]
     try:
         with torch.no_grad():
             out = model(*args, **{**kwargs, "output_attentions": True, "return_dict": True})
@@ -154,10 +167,11 @@ def _capture_modules(
         return [], [], None
     handles = []
     fast = torch.backends.mha.get_fastpath_enabled()
-    with capture_weights(model) as sink:  # also turns on no_grad; a shared list keeps forward order
+    asked: list[tuple[bool, bool]] = []  # what each pending MultiheadAttention call asked for
+    with capture_weights(model) as sink:  # qkv layers through their hook_weights; also turns on no_grad
         for name, m in mhas:
-            handles.append(m.register_forward_pre_hook(_force_weights, with_kwargs=True))
-            handles.append(m.register_forward_hook(_make_sink(sink, name)))
+            handles.append(m.register_forward_pre_hook(_force_weights(asked), with_kwargs=True))
+            handles.append(m.register_forward_hook(_make_sink(sink, name, asked)))
         torch.backends.mha.set_fastpath_enabled(False)
         try:
             out = model(*args, **kwargs)
@@ -165,27 +179,29 @@ def _capture_modules(
             torch.backends.mha.set_fastpath_enabled(fast)
             for h in handles:
                 h.remove()
-            for _, m in mhas:
-                m.__dict__.pop("_qkv_capture_asked", None)
     return [n for n, _ in sink], [w.float().cpu() for _, w in sink], out
 
 
-def _force_weights(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Call with per-head weights; remember what the caller asked for, so the output it gets is unchanged."""
-    b = _MHA_SIG.bind(module, *args, **kwargs)
-    b.apply_defaults()
-    asked = (bool(b.arguments["need_weights"]), bool(b.arguments["average_attn_weights"]))
-    module.__dict__.setdefault("_qkv_capture_asked", []).append(asked)
-    b.arguments["need_weights"] = True
-    b.arguments["average_attn_weights"] = False
-    return tuple(b.args[1:]), dict(b.kwargs)
+def _force_weights(asked: list[tuple[bool, bool]]) -> Any:
+    """A pre-hook: call with per-head weights; remember what the caller asked for, so the output it gets
+    is unchanged."""
+
+    def hook(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        b = _MHA_SIG.bind(module, *args, **kwargs)
+        b.apply_defaults()
+        asked.append((bool(b.arguments["need_weights"]), bool(b.arguments["average_attn_weights"])))
+        b.arguments["need_weights"] = True
+        b.arguments["average_attn_weights"] = False
+        return tuple(b.args[1:]), dict(b.kwargs)
+
+    return hook
 
 
-def _make_sink(sink: list[tuple[str, Tensor]], name: str) -> Any:
+def _make_sink(sink: list[tuple[str, Tensor]], name: str, asked: list[tuple[bool, bool]]) -> Any:
     def hook(module: nn.Module, args: Any, out: Any) -> Any:
-        need, average = module.__dict__["_qkv_capture_asked"].pop()
+        need, average = asked.pop()
         w = out[1]
         if not isinstance(w, Tensor):
             return None

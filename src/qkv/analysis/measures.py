@@ -9,7 +9,8 @@ at key position ``i + Lk - Lq`` (bottom-right, as in :func:`qkv.attention`).
 Across layers: :func:`head_distances` (Jensen-Shannon) and :func:`mds` (a 2-D map of all heads),
 :func:`attention_rollout` and :func:`attention_flow` (Abnar and Zuidema 2020), :func:`collapse` (entropy and
 rank collapse), :func:`head_importance` and :func:`head_ablation` (Michel et al. 2019), and
-:func:`head_table`, one row of measures per head.
+:func:`head_table`, one row of measures per head; :func:`sink_rate` (Gu et al. 2025), the share of heads
+that park their attention on the first token.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn.base import AttentionModule
+from .interventions import attention_modules, scale_heads
 
 if TYPE_CHECKING:
     from .capture import AttentionMaps
@@ -46,6 +46,8 @@ __all__ = [
     "offset_mass",
     "punctuation_positions",
     "rank1_residual",
+    "sink_rate",
+    "sink_scores",
     "special_positions",
     "strongest_heads",
 ]
@@ -269,33 +271,67 @@ def mds(D: Tensor, dim: int = 2) -> Tensor:
     return X
 
 
-def _augmented(w: Tensor, residual: bool) -> Tensor:
-    """Head-averaged weights ``(B, L, L)``, with the identity added for the residual path and rows renormalised."""
-    a = w.mean(dim=1)
-    if residual:
-        a = a + torch.eye(a.shape[-1], dtype=a.dtype)
+def _residual_weight(residual: float | bool) -> float:
+    """``residual`` as the identity's weight: ``True`` -> 0.5 (the paper's), ``False`` -> 0."""
+    if isinstance(residual, bool):
+        return 0.5 if residual else 0.0
+    if not isinstance(residual, (int, float)) or not 0.0 <= residual <= 1.0:
+        raise ValueError(f"residual must be a number in [0, 1] (the identity's weight), got {residual!r}")
+    return float(residual)
+
+
+def _augmented(w: Tensor, residual: float | bool) -> Tensor:
+    """``rownorm(r I + (1 - r) mean_heads(w))``, ``(B, L, L)``: the identity stands for the residual path."""
+    r = _residual_weight(residual)
+    a = (1 - r) * w.mean(dim=1)
+    if r:
+        a = a + r * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     return a / a.sum(-1, keepdim=True).clamp(min=1e-300)
 
 
+@overload
 def attention_rollout(
-    maps: AttentionMaps | Sequence[Tensor], residual: bool = True, all_layers: bool = False
+    maps: AttentionMaps | Sequence[Tensor], residual: float | bool = ..., *, all_layers: Literal[False] = ...
+) -> Tensor: ...
+
+
+@overload
+def attention_rollout(
+    maps: AttentionMaps | Sequence[Tensor], residual: float | bool = ..., *, all_layers: Literal[True]
+) -> list[Tensor]: ...
+
+
+def attention_rollout(
+    maps: AttentionMaps | Sequence[Tensor], residual: float | bool = 0.5, *, all_layers: bool = False
 ) -> Tensor | list[Tensor]:
     """Attention rollout (Abnar and Zuidema 2020): ``R_l = Â_l R_{l-1}``, ``R_1 = Â_1``, with
-    ``Â = rownorm(mean_heads(A) + I)`` (the identity stands for the residual connection).
+    ``Â = rownorm(r I + (1 - r) mean_heads(A))`` (the identity stands for the residual connection).
 
     Args:
-        maps: self-attention layers ``(B, H, L, L)``.
-        residual: add the identity before renormalising (the paper's choice).
-        all_layers: return every ``R_l`` instead of only the last.
+        maps: :class:`AttentionMaps` or a list of self-attention layers ``(B, H, L, L)`` in forward order
+            (one ``B`` and ``L``).
+        residual: ``r``, the identity's weight in ``[0, 1]``; 0.5 is the paper's choice (rows of
+            weights summing to 1 then give ``rownorm(A + I)``). ``True``/``False`` mean 0.5/0.
+        all_layers: return every ``R_l`` (a list) instead of only the last.
 
     Returns:
-        ``(B, L, L)`` float64: row ``i`` says how much output token ``i`` draws on each input token."""
+        ``(B, L, L)`` float64: row ``i`` says how much output token ``i`` draws on each input token (for a
+        ViT, ``R[:, 0, 1:]`` is the class token's map over the patches).
+
+    Raises:
+        ValueError: no layers, layers that are not square or not of one ``(B, L)``, ``residual`` outside ``[0, 1]``.
+    """
+    if not isinstance(maps, Tensor) and not getattr(maps, "weights", maps):
+        raise ValueError("attention_rollout: maps is empty; give at least one layer (B, H, L, L)")
     layers = _as_layers(maps)
+    B, _, L, _ = layers[0].shape
     R: Tensor | None = None
     out = []
     for w in layers:
         if w.shape[2] != w.shape[3]:
             raise ValueError(f"rollout needs self-attention (Lq == Lk), got {tuple(w.shape)}")
+        if (w.shape[0], w.shape[2]) != (B, L):
+            raise ValueError(f"rollout needs layers of one (B, L) = {(B, L)}, got {tuple(w.shape)}")
         a = _augmented(w, residual)
         R = a if R is None else a @ R
         out.append(R)
@@ -347,7 +383,7 @@ def _max_flow(cap: np.ndarray, s: int, t: int) -> float:
             total += f
 
 
-def flow_graph(maps: AttentionMaps | Sequence[Tensor], b: int = 0, residual: bool = True) -> np.ndarray:
+def flow_graph(maps: AttentionMaps | Sequence[Tensor], b: int = 0, residual: float | bool = 0.5) -> np.ndarray:
     """The layered graph of attention flow for batch row ``b``: node ``l * L + i`` is token ``i`` after layer
     ``l`` (``l = 0``: the inputs); the edge from ``l * L + i`` down to ``(l - 1) * L + j`` has capacity
     ``Â_l[i, j]``. Returns the dense ``((layers + 1) L, (layers + 1) L)`` capacity matrix."""
@@ -363,7 +399,7 @@ def flow_graph(maps: AttentionMaps | Sequence[Tensor], b: int = 0, residual: boo
 
 
 def attention_flow(
-    maps: AttentionMaps | Sequence[Tensor], b: int = 0, residual: bool = True, max_len: int = 64
+    maps: AttentionMaps | Sequence[Tensor], b: int = 0, residual: float | bool = 0.5, max_len: int = 64
 ) -> Tensor:
     """Attention flow (Abnar and Zuidema 2020): the maximum flow from each output token of the last layer to
     each input token through the graph of :func:`flow_graph`, each row normalised to sum to 1.
@@ -373,7 +409,7 @@ def attention_flow(
     Args:
         maps: self-attention layers ``(B, H, L, L)``.
         b: which batch row.
-        residual: add the identity to each layer's head-averaged weights, as rollout does.
+        residual: the identity's weight in each layer's head-averaged weights, as in :func:`attention_rollout`.
         max_len: refuse longer inputs (the cost grows fast with ``L``).
 
     Returns:
@@ -432,31 +468,8 @@ def collapse(
     return out
 
 
-@contextmanager
-def _head_masks(model: nn.Module, xi: Tensor) -> Iterator[list[AttentionModule]]:
-    """Multiply head ``h`` of the ``i``-th :class:`AttentionModule` of ``model`` by ``xi[i, h]`` while inside."""
-    mods = [m for m in model.modules() if isinstance(m, AttentionModule)]
-    if len(mods) != xi.shape[0]:
-        raise ValueError(f"xi has {xi.shape[0]} rows but the model has {len(mods)} attention modules")
-    for i, m in enumerate(mods):
-        orig = m.attend
-
-        def attend(q: Tensor, k: Tensor, v: Tensor, *, _orig: Any = orig, _i: int = i, **kw: Any) -> Tensor:
-            out = _orig(q, k, v, **kw)
-            if out.shape[1] != xi.shape[1]:
-                raise ValueError(f"attention module {_i} has {out.shape[1]} heads, the mask has {xi.shape[1]}")
-            return out * xi[_i].to(out.dtype).view(1, -1, 1, 1)
-
-        m.attend = attend  # type: ignore[method-assign]
-    try:
-        yield mods
-    finally:
-        for m in mods:
-            del m.attend
-
-
 def _num_heads(model: nn.Module) -> tuple[int, int]:
-    mods = [m for m in model.modules() if isinstance(m, AttentionModule)]
+    mods = [m for _, m in attention_modules(model)]
     if not mods:
         raise ValueError(f"{type(model).__name__} has no qkv AttentionModule")
     heads = {int(getattr(m, "num_heads", 0)) for m in mods}
@@ -486,7 +499,7 @@ def head_importance(
     xi = torch.ones(n, H, requires_grad=True)
     total = torch.zeros(n, H, dtype=torch.float64)
     count = 0
-    with _head_masks(model, xi):
+    with scale_heads(model, xi):
         for batch in batches:
             loss = loss_fn(model, batch)
             (g,) = torch.autograd.grad(loss, xi)
@@ -506,7 +519,7 @@ def head_ablation(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
     ``L(ξ_h = 0) - L(ξ = 1)``."""
     n, H = _num_heads(model)
     xi = torch.ones(n, H)
-    with _head_masks(model, xi):
+    with scale_heads(model, xi):
         base = float(loss_fn(model, batch))
         out = torch.zeros(n, H, dtype=torch.float64)
         for i in range(n):
@@ -515,6 +528,41 @@ def head_ablation(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
                 out[i, h] = float(loss_fn(model, batch)) - base
                 xi[i, h] = 1.0
     return out
+
+
+def sink_scores(maps: AttentionMaps | Sequence[Tensor] | Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean attention each head pays to the first token, ``(layers, H)`` float64: Gu et al.'s
+    ``alpha_1^{l,h}``, the weight ``A[i, 0]`` averaged over the batch rows and the valid queries ``i``
+    (every query may see the first token, causal or not). ``valid`` defaults to ``maps.attention_mask``."""
+    if valid is None:
+        valid = getattr(maps, "attention_mask", None)
+    layers = _as_layers(maps)
+    rows = [mass_on(w, [0], valid) for w in layers]
+    if len({r.shape[0] for r in rows}) != 1:
+        raise ValueError(f"sink_scores: every layer must have the same heads, got {[r.shape[0] for r in rows]}")
+    return torch.stack(rows)
+
+
+def sink_rate(
+    maps: AttentionMaps | Sequence[Tensor] | Tensor, threshold: float = 0.3, valid: Tensor | None = None
+) -> float:
+    """The attention-sink rate of Gu et al. (ICLR 2025, "When Attention Sink Emerges in Language Models"):
+    the fraction of (layer, head) pairs whose mean attention to the first token exceeds ``threshold``
+    (their epsilon, 0.3): ``(1 / L H) sum_{l,h} 1[alpha_1^{l,h} > threshold]`` with ``alpha`` from
+    :func:`sink_scores`.
+
+    Args:
+        maps: :class:`AttentionMaps`, a list of layers ``(B, H, Lq, Lk)`` or a stacked
+            ``(layers, B, H, Lq, Lk)`` tensor.
+        threshold: in ``[0, 1)``; a head counts when its mean weight on the first token is strictly above.
+        valid: ``(B, Lq)`` real queries (default ``maps.attention_mask``).
+
+    Returns:
+        A float in ``[0, 1]``."""
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"sink_rate: threshold must be in [0, 1), got {threshold}")
+    a = sink_scores(maps, valid)
+    return float((a > threshold).double().mean())
 
 
 TABLE_COLUMNS = ("entropy", "distance", "cls", "sep", "punct", "self", "prev", "next")

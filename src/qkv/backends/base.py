@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,11 +13,13 @@ from ..masks import Mask, Shape
 from ..scores import ScoreMod
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
     """One validated call of :func:`qkv.attention`, in 4-D layout.
 
-    ``q (B, H, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``; ``H % Hkv == 0``.
+    ``q (B, H, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``; ``H % Hkv == 0``. ``sinks``:
+    ``None`` or ``(H,)``, one logit per query head that joins the softmax denominator (served only by
+    backends with :attr:`Backend.takes_sinks`).
     """
 
     q: Tensor
@@ -28,6 +31,7 @@ class Request:
     dropout_p: float
     return_weights: bool
     options: dict[str, Any] = field(default_factory=dict)
+    sinks: Tensor | None = None
 
     @property
     def B(self) -> int:
@@ -75,25 +79,86 @@ class Request:
         return Shape(self.B, self.H, self.Lq, self.Lk, self.q.device)
 
     @property
+    def flops(self) -> float:
+        """Forward floating-point operations if every pair met: ``2 B H Lq Lk (D + Dv)``."""
+        return 2.0 * self.B * self.H * self.Lq * self.Lk * (self.D + self.Dv)
+
+    @property
     def requires_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        ts = (self.q, self.k, self.v) if self.sinks is None else (self.q, self.k, self.v, self.sinks)
+        return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
 class Backend:
-    """A way of computing attention. Subclasses set ``name`` and implement ``supports`` and ``run``."""
+    """A way of computing attention: the protocol every backend implements, and ``auto`` reads.
+
+    A backend is one file that defines a subclass and registers an instance
+    (:func:`qkv.backends.register`). ``auto`` never names a backend: it asks every available,
+    ``automatic`` backend whether it ``supports`` the request and what it would ``cost``, and runs the
+    cheapest with the ``plan`` it made. :func:`qkv.explain` prints every candidate's cost or reason.
+
+    Subclasses set :attr:`name` (and :attr:`options`, :attr:`automatic`) and implement
+    :meth:`supports`, :meth:`cost` and :meth:`run`; :meth:`plan` when they decide something before
+    computing that is worth caching (build it with :func:`qkv.backends.plan.cached`).
+    """
 
     name: str = "backend"
     #: extra keyword arguments of ``qkv.attention`` this backend understands
     options: frozenset[str] = frozenset()
+    #: whether ``auto`` may pick it (False for approximations, and for backends whose inputs mean
+    #: something else, such as ring attention's local shards)
+    automatic: bool = True
+    #: whether it computes the softmax of the exact scores (False for approximations: they have no
+    #: scores for a hook to read)
+    exact: bool = True
+    #: whether :meth:`run` honours ``req.sinks``; a backend that does not is never handed a request
+    #: with sinks (the policy declines it with a reason, see :func:`unsupported`)
+    takes_sinks: bool = False
 
     def available(self) -> bool:
         """Whether this backend can run on this machine at all (installed packages, devices)."""
         return True
 
     def supports(self, req: Request) -> str | None:
-        """``None`` if this backend can compute ``req``; otherwise the reason it cannot."""
+        """``None`` if this backend can compute ``req``; otherwise the reason it cannot, in words."""
         return None
 
-    def run(self, req: Request) -> Tensor | tuple[Tensor, Tensor]:
-        """The output ``(B, H, Lq, Dv)`` or, with ``req.return_weights``, ``(out, weights)``."""
+    def auto_blocker(self, req: Request) -> str | None:
+        """``None`` when ``auto`` may pick this backend for ``req`` (which it :meth:`supports`); otherwise
+        why only a caller who names it may (say, it would first compile for tens of seconds). Default:
+        ``None``."""
+        return None
+
+    def plan(self, req: Request) -> Any:
+        """What this backend decides before computing ``req`` (tile classification, a block mask), as
+        data; ``None`` when there is nothing to decide. Called once per call by ``auto`` and handed to
+        :meth:`run`; implementations cache it per (mask, shape, ...) so repeated calls and the layers
+        of a model that share a mask reuse it."""
+        return None
+
+    def cost(self, req: Request) -> float:
+        """Estimated seconds to compute ``req`` on this machine (from measured constants); only
+        compared with other backends' estimates. Called only when :meth:`supports` said ``None``."""
+        return math.inf
+
+    def describe(self, req: Request) -> str:
+        """One phrase on how this backend would compute ``req`` (shown by :func:`qkv.explain`)."""
+        return ""
+
+    def run(self, req: Request, plan: Any = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The output ``(B, H, Lq, Dv)`` or, with ``req.return_weights``, ``(out, weights)``.
+
+        ``plan`` is what :meth:`plan` returned for ``req`` (``None``: build it)."""
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+def unsupported(backend: Backend, req: Request) -> str | None:
+    """Why ``backend`` cannot serve ``req`` because of a part of the request it does not declare it
+    takes (attention sinks), or ``None``. The policy asks this before :meth:`Backend.supports`, so a
+    backend written before a feature existed, or registered from outside, never ignores it silently."""
+    if req.sinks is not None and not backend.takes_sinks:
+        return f"{backend.name} does not take attention sinks"
+    return None

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..masks import Mask, _Full
-from . import register
+from ..masks import Mask
 from .base import Backend, Request
+from .kernels import compute_dtype
+from .registry import register
 
 __all__ = ["LinearAttentionState", "elu_feature_map", "feature_attention", "is_causal_mask", "step"]
 
@@ -40,7 +42,7 @@ def elu_feature_map(x: Tensor) -> Tensor:
 
 def is_causal_mask(mask: Mask | None) -> bool | None:
     """``False`` for no mask (or ``full()``), ``True`` for exactly ``causal()``, ``None`` for anything else."""
-    if mask is None or isinstance(mask, _Full):
+    if mask is None or mask.is_full:
         return False
     if mask.is_causal:
         return True
@@ -126,10 +128,6 @@ def expand_kv(req: Request, t: Tensor) -> Tensor:
     return t if req.groups == 1 else t.repeat_interleave(req.groups, dim=1)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_chunk(chunk_size: object) -> int:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -139,11 +137,13 @@ def _check_chunk(chunk_size: object) -> int:
 class Linear(Backend):
     name = "linear"
     options = frozenset({"chunk_size"})
+    automatic = False  # an approximation: only when asked for by name
+    exact = False
 
     def supports(self, req: Request) -> str | None:
         return decline_reason(req, "linear attention")
 
-    def run(self, req: Request) -> Tensor | tuple[Tensor, Tensor]:
+    def run(self, req: Request, plan: Any = None) -> Tensor | tuple[Tensor, Tensor]:
         chunk = _check_chunk(req.options.get("chunk_size", 64))
         dt = compute_dtype(req.dtype)
         fq = elu_feature_map(req.q.to(dt))

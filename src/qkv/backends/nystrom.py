@@ -21,12 +21,15 @@ Options:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from . import register
 from .base import Backend, Request
-from .linear import compute_dtype, expand_kv, is_causal_mask
+from .kernels import compute_dtype
+from .linear import expand_kv, is_causal_mask
+from .registry import register
 
 __all__ = ["iterative_pinv", "segment_means"]
 
@@ -61,6 +64,8 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
 class Nystrom(Backend):
     name = "nystrom"
     options = frozenset({"num_landmarks", "pinv_iterations", "pinv"})
+    automatic = False  # an approximation: only when asked for by name
+    exact = False
 
     def supports(self, req: Request) -> str | None:
         if is_causal_mask(req.mask) is not False:
@@ -71,7 +76,7 @@ class Nystrom(Backend):
             return f"Nystrom attention has no attention weights to drop out (dropout_p={req.dropout_p})"
         return None
 
-    def run(self, req: Request) -> Tensor | tuple[Tensor, Tensor]:
+    def run(self, req: Request, plan: Any = None) -> Tensor | tuple[Tensor, Tensor]:
         o = req.options
         m = o.get("num_landmarks", 64)
         iters = o.get("pinv_iterations", 6)

@@ -26,13 +26,15 @@ Options:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import register
 from .base import Backend, Request
-from .linear import _check_chunk, compute_dtype, decline_reason, expand_kv, feature_attention, is_causal_mask
+from .kernels import compute_dtype
+from .linear import _check_chunk, decline_reason, expand_kv, feature_attention, is_causal_mask
+from .registry import register
 
 __all__ = ["draw_projection", "favor_features"]
 
@@ -98,11 +100,13 @@ def favor_features(x: Tensor, projection: Tensor, is_query: bool) -> Tensor:
 class Performer(Backend):
     name = "performer"
     options = frozenset({"num_features", "seed", "generator", "projection", "orthogonal", "chunk_size"})
+    automatic = False  # an approximation: only when asked for by name
+    exact = False
 
     def supports(self, req: Request) -> str | None:
         return decline_reason(req, "Performer attention")
 
-    def run(self, req: Request) -> Tensor | tuple[Tensor, Tensor]:
+    def run(self, req: Request, plan: Any = None) -> Tensor | tuple[Tensor, Tensor]:
         o = req.options
         dt = compute_dtype(req.dtype)
         proj = o.get("projection")

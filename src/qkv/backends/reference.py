@@ -1,32 +1,41 @@
 """``reference``: the formula as written, ``softmax(Q Kᵀ · scale + bias) V``; the oracle.
 
+With attention sinks the softmax runs over ``[scores, s_h]`` (one more column per row, the head's sink
+logit) and the sink's column is dropped before multiplying by ``V``.
+
 Builds the full ``(B, H, Lq, Lk)`` score matrix, so memory is ``O(Lq · Lk)``. Runs in float32 for
 half-precision inputs and in float64 for float64 inputs; returns the weights on request.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from . import register
 from .base import Backend, Request
+from .kernels import compute_dtype, safe_softmax
+from .registry import register
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+#: measured constants of the cost model: the formula as written runs its matmuls at about this rate,
+#: spends about this long per element of the ``Lq x Lk`` tensors it builds (scores, mask, weights) and
+#: has this fixed cost per call (a dozen small ops)
+FLOPS = 60e9
+PAIR_S = 6e-9
+CALL_S = 200e-6
 
 
 def scores(req: Request, dtype: torch.dtype | None = None) -> Tensor:
     """``Q Kᵀ · scale`` with the score mod applied and masked pairs at ``-inf``: ``(B, H, Lq, Lk)``.
 
-    Grouped-query heads share K without copying it: ``q`` is viewed as ``(B, Hkv, G, Lq, D)``."""
+    Grouped-query heads share K without copying it: ``q`` is viewed as ``(B, Hkv, G·Lq, D)``, the
+    query rows of a group stacked (a broadcast ``(B, Hkv, G, Lq, D) @ (B, Hkv, 1, D, Lk)`` would
+    copy K ``G`` times inside ``matmul``)."""
     dt = dtype or compute_dtype(req.dtype)
     B, H, Hkv, G, Lq, Lk = req.B, req.H, req.Hkv, req.groups, req.Lq, req.Lk
-    q = req.q.to(dt).reshape(B, Hkv, G, Lq, req.D)
-    k = req.k.to(dt).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
-    s = (q @ k.transpose(-1, -2)).reshape(B, H, Lq, Lk) * req.scale
+    q = req.q.to(dt).reshape(B, Hkv, G * Lq, req.D)
+    s = (q @ req.k.to(dt).transpose(-1, -2)).reshape(B, H, Lq, Lk) * req.scale
     shape = req.shape
     if req.score_mod is not None or req.mask is not None:
         dev = req.device
@@ -35,35 +44,39 @@ def scores(req: Request, dtype: torch.dtype | None = None) -> Tensor:
         qi = torch.arange(Lq, device=dev).view(1, 1, -1, 1)
         ki = torch.arange(Lk, device=dev).view(1, 1, 1, -1)
         if req.score_mod is not None:
-            s = req.score_mod._apply(shape, s, b, h, qi, ki).to(dt).expand(B, H, Lq, Lk)
+            s = req.score_mod.apply(shape, s, b, h, qi, ki).to(dt).expand(B, H, Lq, Lk)
         if req.mask is not None:
             s = s.masked_fill(~req.mask.tile(shape, 0, Lq, 0, Lk), float("-inf"))
     return s
 
 
-def softmax_rows(s: Tensor) -> Tensor:
-    """Softmax over the last dim where a row of only ``-inf`` gives zeros (and zero gradient)."""
-    m = s.detach().amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(denom == 0, torch.ones_like(denom), denom)
-
-
 def reference_attention(req: Request, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Output ``(B, H, Lq, Dv)`` and weights ``(B, H, Lq, Lk)``, both in the compute dtype."""
     dt = dtype or compute_dtype(req.dtype)
-    w = softmax_rows(scores(req, dt))
+    s = scores(req, dt)
+    if req.sinks is None:
+        w = safe_softmax(s)
+    else:
+        sink = req.sinks.to(dt).view(1, -1, 1, 1).expand(req.B, req.H, req.Lq, 1)
+        w = safe_softmax(torch.cat((s, sink), dim=-1))[..., :-1]
     wd = torch.nn.functional.dropout(w, req.dropout_p) if req.dropout_p > 0 else w
     B, H, Hkv, G, Lq, Lk = req.B, req.H, req.Hkv, req.groups, req.Lq, req.Lk
-    out = wd.reshape(B, Hkv, G, Lq, Lk) @ req.v.to(dt).unsqueeze(2)  # (B, Hkv, G, Lq, Dv)
+    out = wd.reshape(B, Hkv, G * Lq, Lk) @ req.v.to(dt)  # (B, Hkv, G·Lq, Dv): V is not copied per head
     return out.reshape(B, H, Lq, req.Dv), w
 
 
 class Reference(Backend):
     name = "reference"
+    takes_sinks = True
 
-    def run(self, req: Request) -> Tensor | tuple[Tensor, Tensor]:
+    def cost(self, req: Request) -> float:
+        s = req.flops / FLOPS + req.B * req.H * req.Lq * req.Lk * PAIR_S + CALL_S
+        return 3.0 * s if req.requires_grad else s
+
+    def describe(self, req: Request) -> str:
+        return "the formula as written, O(Lq*Lk) memory"
+
+    def run(self, req: Request, plan: Any = None) -> Tensor | tuple[Tensor, Tensor]:
         out, w = reference_attention(req)
         if req.return_weights:
             return out.to(req.dtype), w.to(req.dtype)

@@ -1,4 +1,6 @@
-"""Attention with the sequence split over ``torch.distributed`` ranks.
+"""Attention with the sequence split over ``torch.distributed`` ranks (the public face; the code lives
+in :mod:`qkv.backends.ring`, :mod:`qkv.backends.ulysses`, :mod:`qkv.backends.seqpar` and
+:mod:`qkv.nn.sequence_parallel`).
 
 - :func:`ring_attention`: ring attention (K/V blocks travel around the ring, logsumexp merges);
   also ``qkv.attention(..., backend="ring", group=..., layout=...)``.
@@ -9,7 +11,8 @@
 - :func:`fail_together`: every rank raises :class:`RankFailedError` when any rank fails.
 """
 
-from ._common import (
+from ..backends.ring import ring_attention
+from ..backends.seqpar import (
     CommStats,
     RankFailedError,
     comm_stats,
@@ -17,10 +20,10 @@ from ._common import (
     global_positions,
     zigzag_gather,
     zigzag_split,
+    zigzag_unshuffle,
 )
-from .module import SequenceParallelAttention
-from .ring import ring_attention
-from .ulysses import heads_to_seq, seq_to_heads, ulysses_attention
+from ..backends.ulysses import heads_to_seq, seq_to_heads, ulysses_attention
+from ..nn.sequence_parallel import SequenceParallelAttention
 
 __all__ = [
     "CommStats",
@@ -35,4 +38,5 @@ __all__ = [
     "ulysses_attention",
     "zigzag_gather",
     "zigzag_split",
+    "zigzag_unshuffle",
 ]

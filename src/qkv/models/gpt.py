@@ -21,7 +21,7 @@ from ..masks import Mask, causal, sliding_window
 from ..nn.attention import MultiHeadAttention
 from ..nn.base import BackendSwitch
 from ..nn.blocks import TransformerBlock, make_norm
-from ..nn.cache import FixedKVCache, SlidingWindowKVCache
+from ..nn.cache import FixedKVCache, SinkKVCache, SlidingWindowKVCache
 from ..nn.positional import LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding
 from ..scores import ScoreMod, alibi
 
@@ -169,14 +169,30 @@ class GPT(BackendSwitch, nn.Module):
         self.score_mod: ScoreMod | None = alibi(n_heads) if pos == "alibi" else None
         self._head_t: tuple[Any, Tensor] | None = None
 
-    def make_cache(self, max_len: int | None = None) -> GPTCache:
+    def make_cache(
+        self, max_len: int | None = None, *, recent: int | None = None, sinks: int = 0, positions: str = "cache"
+    ) -> GPTCache:
         """Fresh decoding caches for ``max_len`` tokens in all (default ``self.max_len``): a
-        :class:`FixedKVCache` per attention layer, a :class:`SlidingWindowKVCache` with a window."""
+        :class:`FixedKVCache` per attention layer, a :class:`SlidingWindowKVCache` with a window.
+
+        With ``recent``, a streaming cache (StreamingLLM, :class:`~qkv.nn.SinkKVCache`) per attention
+        layer instead: the first ``sinks`` tokens and the ``recent`` most recent ones, at in-cache
+        positions (``positions="cache"``, as StreamingLLM) or at their positions in the text
+        (``"original"``); ``sinks=0`` is a plain window of ``recent`` tokens."""
         n = max_len or self.max_len
+        if recent is not None and self.window is not None:
+            raise ValueError(
+                f"GPT.make_cache: this model attends within a window of {self.window} tokens and decodes with a ring"
+                " buffer of that size already; recent= is for models with full causal attention"
+            )
         layers: list[Any] = []
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
             m = blk.mixer
-            if isinstance(m, MultiHeadAttention):
+            if isinstance(m, MultiHeadAttention) and recent is not None:
+                layers.append(SinkKVCache(sinks, recent, rope=m.rope, positions=positions))
+            elif recent is not None:
+                raise ValueError(f"GPT.make_cache: layer {i} ({type(m).__name__}) has no streaming cache; recent= needs attention")
+            elif isinstance(m, MultiHeadAttention):
                 layers.append(SlidingWindowKVCache(self.window) if self.window is not None else FixedKVCache(n))
             elif hasattr(m, "init_cache"):
                 layers.append(getattr(m, "init_cache")(n))  # noqa: B009
@@ -232,13 +248,18 @@ class GPT(BackendSwitch, nn.Module):
         top_p: float | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        recent: int | None = None,
+        sinks: int = 0,
     ) -> Tensor:
         """Continue the prompts ``idx (B, L)`` by ``max_new_tokens`` tokens; returns ``(B, L + max_new_tokens)``.
 
         With ``use_cache`` each step runs the new token only, reading earlier keys and values from
         the caches; without, each step reruns the whole sequence. Both give the same tokens (the
         same logits up to rounding). ``temperature=0`` is greedy; see :func:`sample_next` for
-        ``top_k``, ``top_p`` and ``generator``. Runs in eval mode and restores the mode after."""
+        ``top_k``, ``top_p`` and ``generator``. Runs in eval mode and restores the mode after.
+
+        ``recent`` (with ``sinks``) decodes with StreamingLLM's cache (see :meth:`make_cache`): memory
+        and time per token stay constant however long the generation, for models with RoPE or ALiBi."""
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"GPT.generate: idx must be (B, L) with L >= 1, got {tuple(idx.shape)}")
         if max_new_tokens < 0:
@@ -258,8 +279,10 @@ class GPT(BackendSwitch, nn.Module):
                 "top_p": top_p,
                 "generator": generator,
             }
+            if recent is not None and not use_cache:
+                raise ValueError("GPT.generate: recent= (a streaming cache) needs use_cache=True")
             if use_cache:
-                cache = self.make_cache(total)
+                cache = self.make_cache(total, recent=recent, sinks=sinks)
                 logits = self(idx, cache=cache, last_only=True)[:, -1]
                 for step in range(max_new_tokens):
                     nxt = sample_next(logits, **sample)

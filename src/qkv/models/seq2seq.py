@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..masks import causal
 from ..nn.additive import AdditiveAttention, LuongAttention
-from ._blocks import Block
+from ..nn.blocks import DecoderBlock, TransformerBlock
 
 __all__ = ["Seq2Seq", "TransformerSeq2Seq"]
 
@@ -188,8 +189,9 @@ class Seq2Seq(nn.Module):
 
 
 class TransformerSeq2Seq(nn.Module):
-    """A small encoder-decoder Transformer (Vaswani et al. 2017, pre-norm, learned positions) whose
-    attention layers are :class:`qkv.nn.AttentionModule` s (capture with ``qkv.nn.capture_weights``).
+    """A small encoder-decoder Transformer (Vaswani et al. 2017, pre-norm, learned positions, GELU) of
+    :class:`qkv.nn.TransformerBlock` s (``enc.i.mixer``: self-attention) and :class:`qkv.nn.DecoderBlock` s
+    (``dec.i.self_attn``, ``dec.i.cross_attn``); capture with ``qkv.nn.capture_weights`` or the hook points.
 
     Args:
         src_vocab, tgt_vocab: vocabulary sizes.
@@ -219,8 +221,12 @@ class TransformerSeq2Seq(nn.Module):
         self.tgt_emb = nn.Embedding(tgt_vocab, dim)
         self.src_pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
         self.tgt_pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
-        self.enc = nn.ModuleList(Block(dim, heads, 2 * dim, dropout=dropout) for _ in range(layers))
-        self.dec = nn.ModuleList(Block(dim, heads, 2 * dim, cross=True, dropout=dropout) for _ in range(layers))
+        self.enc = nn.ModuleList(
+            TransformerBlock(dim, heads, 2 * dim, dropout=dropout, norm_first=True) for _ in range(layers)
+        )
+        self.dec = nn.ModuleList(
+            DecoderBlock(dim, heads, 2 * dim, dropout=dropout, norm_first=True) for _ in range(layers)
+        )
         self.enc_norm = nn.LayerNorm(dim)
         self.dec_norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, tgt_vocab)
@@ -241,10 +247,9 @@ class TransformerSeq2Seq(nn.Module):
         Lt = tgt_in.shape[1]
         if Lt > self.max_len:
             raise ValueError(f"TransformerSeq2Seq: target length {Lt} > max_len={self.max_len}")
-        causal = torch.ones(Lt, Lt, dtype=torch.bool, device=tgt_in.device).tril()
         y = self.tgt_emb(tgt_in) + self.tgt_pos[:Lt]
         for blk in self.dec:
-            y = blk(y, mask=causal, memory=memory, memory_mask=keep)
+            y = blk(y, memory, mask=causal(), memory_mask=keep)
         return self.out(self.dec_norm(y))
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends.sdpa import _HAS_GQA
-from ..masks import Mask, MaskLike, _Window, as_mask, from_dense
+from ..backends.sdpa import HAS_GQA
+from ..masks import Mask, MaskLike, as_mask, from_dense
 from ..scores import ScoreMod, ScoreModFn, as_score_mod, bias
 from .base import AttentionModule
 from .cache import KVCache, StaticKVCache, at_positions
@@ -78,11 +78,8 @@ def masks_from_torch(
 def _covers_all(mask: Mask, Lk: int) -> bool:
     """True when ``mask`` lets a single query at the last position see all of its ``Lk`` preceding keys
     (then the decoding step needs no mask at all)."""
-    return (
-        isinstance(mask, _Window)
-        and (mask.right is None or mask.right >= 0)
-        and (mask.left is None or mask.left >= Lk - 1)
-    )
+    w = mask.window()
+    return w is not None and (w[1] is None or w[1] >= 0) and (w[0] is None or w[0] >= Lk - 1)
 
 
 class MultiHeadAttention(AttentionModule):
@@ -224,10 +221,10 @@ class MultiHeadAttention(AttentionModule):
 
     def _decode_fast_ok(self) -> bool:
         return (
-            self._weights_sink is None
+            not self.has_hooks
             and self.backend in ("auto", "sdpa")
             and not self.training
-            and _HAS_GQA
+            and HAS_GQA
             and not torch.is_grad_enabled()
         )
 

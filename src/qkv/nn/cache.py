@@ -1,5 +1,6 @@
 """Key/value caches for decoding: one that grows, one preallocated to a fixed size, a sliding-window
-ring buffer, and a static one for cross-attention.
+ring buffer, StreamingLLM's attention-sink cache (the first tokens kept, then a ring buffer), and a
+static one for cross-attention.
 
 A cache belongs to one attention layer. :meth:`KVCache.update` takes the keys and values of the ``L``
 new tokens ``(B, Hkv, L, D)`` / ``(B, Hkv, L, Dv)`` (already rotated by RoPE at their absolute
@@ -18,16 +19,22 @@ cache also works under autograd.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from ..masks import Mask, Shape, from_dense
 from ..scores import ScoreMod, bias
 
+if TYPE_CHECKING:
+    from .positional import RotaryEmbedding
+
 __all__ = [
     "FixedKVCache",
     "GrowingKVCache",
     "KVCache",
+    "SinkKVCache",
     "SlidingWindowKVCache",
     "StaticKVCache",
     "at_positions",
@@ -202,6 +209,124 @@ class SlidingWindowKVCache(KVCache):
         self.k = self.v = self.pos = None
 
 
+class SinkKVCache(KVCache):
+    """StreamingLLM's cache (Xiao et al. 2023, "Efficient Streaming Language Models with Attention
+    Sinks"): the first ``sinks`` tokens are kept for good (the attention sinks), then a ring buffer of
+    the ``recent`` most recent tokens. Memory ``O(sinks + recent)`` however long the stream; with
+    ``sinks=0`` it is a plain window (as :class:`SlidingWindowKVCache`).
+
+    Positions (what RoPE, ALiBi and masks see once tokens have been evicted):
+
+    - ``positions="cache"`` (StreamingLLM): positions *within the cache*. The query stands at in-cache
+      position ``n - 1`` for ``n`` cached keys, the sinks at ``0 .. sinks - 1`` and the recent tokens
+      right after them, so no distance exceeds the cache size and none is longer than what the model saw
+      in training. RoPE only sees distances, and the recent tokens' distances are the same in the cache
+      as in the text; only the sinks move: their keys (rotated at ``0 .. sinks - 1`` when they came in)
+      are rotated on by ``shift = seen - n`` at each step, which puts them right before the oldest
+      recent token (pass the layer's ``rope``; rotations compose, so no unrotated copy is kept). The
+      returned positions are the same effective ones (sink ``i`` at ``shift + i``), so score mods such
+      as ALiBi and masks see in-cache distances too.
+    - ``positions="original"``: every key keeps its position in the text; the distance to the sinks
+      grows without bound.
+
+    A single-token update (decoding) attends to exactly the kept tokens: the sinks and the ``recent``
+    last tokens, itself included. A multi-token update (a prompt) attends to the sinks, the
+    ``recent - 1`` tokens before it and all the new ones at their original positions, under the model's
+    own mask (the prompt itself is not windowed; one token is the decoding case), and then keeps the
+    sinks and the ``recent`` last tokens. Keys and values are written in place, for inference.
+
+    Args:
+        sinks: how many first tokens to keep (``>= 0``; StreamingLLM uses 4).
+        recent: how many most recent tokens to keep (``>= 1``).
+        rope: the layer's :class:`~qkv.nn.RotaryEmbedding` when its keys are rotated (needed by
+            ``positions="cache"``; the attention module passes keys already rotated at their absolute
+            positions).
+        positions: ``"cache"`` or ``"original"`` (see above).
+    """
+
+    def __init__(
+        self, sinks: int, recent: int, *, rope: RotaryEmbedding | None = None, positions: str = "cache"
+    ) -> None:
+        super().__init__()
+        if sinks < 0 or recent < 1:
+            raise ValueError(f"SinkKVCache: need sinks >= 0 and recent >= 1, got sinks={sinks}, recent={recent}")
+        if positions not in ("cache", "original"):
+            raise ValueError(f"SinkKVCache: positions must be 'cache' or 'original', got {positions!r}")
+        self.sinks, self.recent, self.rope, self.positions = sinks, recent, rope, positions
+        self.k: Tensor | None = None  # (B, Hkv, sinks + recent, D): sink slots, then the ring
+        self.v: Tensor | None = None
+        self.pos: Tensor | None = None  # (sinks + recent,) the position each slot stands at
+        self.sink_k: Tensor | None = None  # (B, Hkv, sinks, D) the sinks' keys as they came in
+
+    @property
+    def capacity(self) -> int:
+        """The most tokens held: ``sinks + recent``."""
+        return self.sinks + self.recent
+
+    def _slot(self, p: int) -> int:
+        return p if p < self.sinks else self.sinks + (p - self.sinks) % self.recent
+
+    def _kept(self, seen: int, recent: int) -> list[int]:
+        """The first ``sinks`` and the ``recent`` last of ``seen`` tokens, in order."""
+        n = self.sinks
+        return list(range(min(seen, n))) + list(range(max(n, seen - recent), seen))
+
+    def _shift(self) -> int:
+        """How far the sinks move up in ``positions="cache"`` mode: tokens evicted so far."""
+        return max(0, self.seen - self.capacity) if self.positions == "cache" else 0
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        n, C = self.sinks, self.capacity
+        if self.k is None or self.v is None or self.pos is None or self.sink_k is None:
+            _check_kv(k, v)
+            B, Hkv, _, D = k.shape
+            self.k, self.v = k.new_zeros(B, Hkv, C, D), v.new_zeros(B, Hkv, C, v.shape[3])
+            self.pos = torch.zeros(C, dtype=torch.long, device=k.device)
+            self.sink_k = k.new_zeros(B, Hkv, n, D)
+        L, seen = k.shape[2], self.seen
+        if L == 1:  # decoding: write one slot, attend to the kept tokens
+            slot = self._slot(seen)
+            self.k[:, :, slot].copy_(k[:, :, 0])
+            self.v[:, :, slot].copy_(v[:, :, 0])
+            self.pos[slot] = seen
+            if seen < n:
+                self.sink_k[:, :, seen].copy_(k[:, :, 0])
+            self.seen = seen + 1
+            if self.seen <= C:  # nothing evicted yet: slots are in order
+                return self.k[:, :, : self.seen], self.v[:, :, : self.seen], None
+            shift = self._shift()
+            if shift and n:
+                self.pos[:n] = torch.arange(shift, shift + n, device=k.device)
+                if self.rope is not None:
+                    at = torch.full((n,), shift, dtype=torch.long, device=k.device)
+                    self.k[:, :, :n] = self.rope.rotate(self.sink_k, at)
+            return self.k, self.v, self.pos
+        _check_kv(k, v)
+        self._check_same(k, v, self.k, self.v)
+        kept = self._kept(seen, self.recent - 1)  # as decoding would: the new token takes the oldest one's slot
+        ns = min(seen, n)
+        ring = torch.tensor([self._slot(p) for p in kept[ns:]], dtype=torch.long, device=k.device)
+        k_all = torch.cat((self.sink_k[:, :, :ns], self.k[:, :, ring], k), 2)
+        v_all = torch.cat((self.v[:, :, :ns], self.v[:, :, ring], v), 2)
+        positions = torch.tensor(kept + list(range(seen, seen + L)), dtype=torch.long, device=k.device)
+        end = seen + L
+        for p in range(seen, min(end, n)):  # new tokens that are sinks
+            self.sink_k[:, :, p] = k[:, :, p - seen]
+        store = [p for p in self._kept(end, self.recent) if p >= seen]
+        slots = torch.tensor([self._slot(p) for p in store], dtype=torch.long, device=k.device)
+        new = torch.tensor(store, dtype=torch.long, device=k.device) - seen
+        self.k[:, :, slots] = k[:, :, new]
+        self.v[:, :, slots] = v[:, :, new]
+        self.pos[slots] = new + seen
+        self.seen = end
+        in_order = len(kept) == seen
+        return k_all, v_all, (None if in_order else positions)
+
+    def reset(self) -> None:
+        super().reset()
+        self.k = self.v = self.pos = self.sink_k = None
+
+
 class StaticKVCache:
     """Cross-attention keys and values, computed from the encoder output once and reused at every
     decoding step (``MultiHeadAttention`` fills it on first use)."""
@@ -235,7 +360,7 @@ def at_positions(
     new_mask: Mask | None = None
     if mask is not None:
         mask.check(s)
-        m = mask._eval(s, b, h, q, kpos)
+        m = mask.evaluate(s, b, h, q, kpos)
         m = torch.as_tensor(m, device=dev, dtype=torch.bool)
         while m.dim() < 4:
             m = m.unsqueeze(0)
@@ -245,7 +370,7 @@ def at_positions(
         score_mod.check(s)
         if score_mod.additive:
             zero = torch.zeros((), dtype=torch.float32, device=dev)
-            t = score_mod._apply(s, zero, b, h, q, kpos)
+            t = score_mod.apply(s, zero, b, h, q, kpos)
             while t.dim() < 4:
                 t = t.unsqueeze(0)
             new_mod = bias(t.expand(*t.shape[:2], Lq, positions.numel()))
@@ -255,7 +380,7 @@ def at_positions(
             sm = score_mod
 
             def remapped(score: Tensor, bb: Tensor, hh: Tensor, qq: Tensor, kk: Tensor) -> Tensor:
-                return sm._apply(s, score, bb, hh, qq, positions[kk])
+                return sm.apply(s, score, bb, hh, qq, positions[kk])
 
             new_mod = as_score_mod(remapped)
     return new_mask, new_mod

@@ -1,0 +1,440 @@
+"""``qkv bench``: time and peak memory of ``tiled`` against PyTorch SDPA, FlexAttention and ``reference``.
+
+For dense, causal, causal sliding-window (256) and document (8 documents) masks, forward and
+forward+backward, fp32, ``B=1, D=64``, at sequence lengths 1k to 32k (``H=8`` up to 8k, ``H=1``
+beyond, so that the long rows finish in seconds). Each entry is the median of a few runs after a
+warm-up; ratios are SDPA's time over the method's time *from the same run* (> 1 = faster than SDPA).
+
+What the peers get: SDPA is ``F.scaled_dot_product_attention`` with ``is_causal=True`` for causal
+and a boolean mask (built before timing) for the others; FlexAttention is ``torch.compile``-d
+``flex_attention`` with a ``BlockMask`` (built before timing; compile time reported apart, and only at
+the sizes in ``flex_sizes`` because each compile takes tens of seconds on this CPU); ``reference``
+runs only where its ``L x L`` matrices fit in a budget.
+
+Peak memory is the growth of the process's resident memory during one call: the kernel's
+high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size before the
+call, with glibc told to ``mmap`` every block of 64 KiB or more and its free heap pages released
+(``malloc_trim``) before the call, so that memory the call reuses counts too. It counts everything
+the call allocates (outputs, gradients, masks built inside), not the inputs. Where ``/proc`` does not
+allow this the column says ``-``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import masks as M
+from ..attention import attention
+
+__all__ = ["Result", "compare", "measure", "peak_memory", "run_bench", "time_median"]
+
+MASKS = ("dense", "causal", "sliding_window(256)", "document(8)")
+METHODS = ("tiled", "sdpa", "flex", "reference")
+MODES = ("fwd", "fwd+bwd")
+FULL_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
+QUICK_SIZES = (256, 1024)
+COLORS = {"tiled": "tab:blue", "sdpa": "tab:green", "flex": "tab:orange", "reference": "tab:gray"}
+GFLOPS = 100.0
+"""Assumed throughput (GFLOP/s) used to skip measurements that would take too long."""
+
+
+@dataclass
+class Result:
+    """One measurement: ``ms`` is the median time, ``mb`` the peak extra memory, ``note`` why skipped."""
+
+    mask: str
+    L: int
+    H: int
+    mode: str
+    method: str
+    ms: float | None = None
+    mb: float | None = None
+    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# measuring
+
+
+def time_median(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+_MMAP_SET = False
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(key + r":\s+(\d+) kB", f.read())
+    if m is None:
+        raise OSError(f"no {key} in /proc/self/status")
+    return int(m.group(1)) * 1024
+
+
+def peak_memory(fn: Callable[[], Any]) -> float | None:
+    """Peak growth of resident memory (bytes) while ``fn()`` runs, or ``None`` where unmeasurable."""
+    global _MMAP_SET
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if not _MMAP_SET:
+            libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks come from mmap and return to the OS
+            _MMAP_SET = True
+        libc.malloc_trim(0)  # free heap pages leave the resident set, so reusing them counts
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+        base = _status("VmRSS")
+        fn()
+        return float(_status("VmHWM") - base)
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the cases
+
+
+def make_mask(kind: str, L: int) -> M.Mask | None:
+    """The bench's masks: ``dense`` (None), ``causal``, ``sliding_window(N)`` (causal) and
+    ``document(N)`` (N equal documents)."""
+    if kind == "dense":
+        return None
+    if kind == "causal":
+        return M.causal()
+    m = re.fullmatch(r"(sliding_window|document)\((\d+)\)", kind)
+    if m is None:
+        raise ValueError(f"unknown bench mask {kind!r}; valid: {', '.join(MASKS)}")
+    n = int(m.group(2))
+    if m.group(1) == "sliding_window":
+        return M.causal() & M.sliding_window(n)
+    return M.document(torch.arange(L) * n // L)
+
+
+def _live_keys(kind: str, L: int) -> float:
+    """Average keys a query sees (the work a mask-skipping method does)."""
+    if kind == "dense":
+        return L
+    if kind == "causal":
+        return L / 2
+    n = int(kind[kind.index("(") + 1 : -1])
+    return min(n + 1, L) if kind.startswith("sliding") else L / n
+
+
+def _estimate_s(method: str, kind: str, L: int, H: int, mode: str) -> float:
+    no_skip = method == "reference" or (method == "sdpa" and kind not in ("causal", "dense"))
+    keys = float(L) if no_skip else _live_keys(kind, L)
+    flops = 4 * L * keys * H * 64 * (3.5 if mode == "fwd+bwd" else 1.0)
+    return flops / (GFLOPS * 1e9) * (3 if method == "reference" else 1)
+
+
+def _flex_fn(kind: str, L: int, H: int) -> tuple[Callable[..., Tensor], Any] | None:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return None
+    mask = make_mask(kind, L) or M.full()
+    block = mask.to_flex_block_mask(1, 1, L, L)
+    return torch.compile(flex_attention), block
+
+
+def measure(
+    method: str,
+    kind: str,
+    L: int,
+    H: int,
+    mode: str,
+    *,
+    repeats: int = 3,
+    max_call_s: float = 4.0,
+    reference_bytes: float = 2**31,
+    flex_cache: dict[Any, Any] | None = None,
+    memory: bool = True,
+) -> Result:
+    """Time (median of ``repeats``) and peak extra memory of one method on one case."""
+    return compare(
+        (method,),
+        kind,
+        L,
+        H,
+        mode,
+        repeats=repeats,
+        max_call_s=max_call_s,
+        reference_bytes=reference_bytes,
+        flex_cache=flex_cache,
+        memory=memory,
+    )[0]
+
+
+def compare(
+    methods: Sequence[str],
+    kind: str,
+    L: int,
+    H: int,
+    mode: str,
+    *,
+    repeats: int = 3,
+    max_call_s: float = 4.0,
+    reference_bytes: float = 2**31,
+    flex_cache: dict[Any, Any] | None = None,
+    memory: bool = True,
+) -> list[Result]:
+    """Time and peak extra memory of several methods on one case, timed in turns (one call of each
+    method per round, ``repeats`` rounds, medians), so that a load that changes during the run weighs
+    on all of them alike.
+
+    Args:
+        method: ``tiled``, ``sdpa``, ``flex`` or ``reference``.
+        kind: a mask of :data:`MASKS`.
+        L: sequence length (queries and keys).
+        H: heads (``B=1, D=64``, fp32).
+        mode: ``fwd`` or ``fwd+bwd``.
+        repeats: timed runs after the warm-up.
+        max_call_s: skip when the estimated time of one call exceeds this.
+        reference_bytes: skip ``reference`` when its ``L x L`` matrices would exceed this.
+        flex_cache: compiled FlexAttention per case (compile time goes in ``extra["compile_s"]``).
+        memory: also measure the peak memory (one more call).
+    """
+    prepared = [_prepare(m, kind, L, H, mode, max_call_s, reference_bytes, flex_cache) for m in methods]
+    live = [(res, once) for res, once in prepared if once is not None]
+    times: list[list[float]] = [[] for _ in live]
+    for _, once in live:
+        once()  # warm-up
+    for _ in range(repeats):
+        for i, (_, once) in enumerate(live):
+            t0 = time.perf_counter()
+            once()
+            times[i].append(time.perf_counter() - t0)
+    for (res, once), ts in zip(live, times):
+        res.ms = 1000 * statistics.median(ts)
+        if memory:
+            peak = peak_memory(once)
+            res.mb = None if peak is None else peak / 2**20
+    return [res for res, _ in prepared]
+
+
+def _prepare(
+    method: str,
+    kind: str,
+    L: int,
+    H: int,
+    mode: str,
+    max_call_s: float,
+    reference_bytes: float,
+    flex_cache: dict[Any, Any] | None,
+) -> tuple[Result, Callable[[], None] | None]:
+    res = Result(kind, L, H, mode, method)
+    est = _estimate_s(method, kind, L, H, mode)
+    if est > max_call_s:
+        res.note = f"skipped: ~{est:.0f} s per call"
+        return res, None
+    if method == "reference" and 3 * H * L * L * 4 > reference_bytes:
+        res.note = f"skipped: L x L matrices ~{3 * H * L * L * 4 / 2**30:.1f} GiB"
+        return res, None
+    if method == "sdpa" and kind not in ("dense", "causal") and 9 * L * L > reference_bytes:
+        res.note = f"skipped: dense mask and its index grid ~{9 * L * L / 2**30:.1f} GiB"
+        return res, None
+    g = torch.Generator().manual_seed(L)
+    grad = mode == "fwd+bwd"
+    q, k, v = (torch.randn(1, H, L, 64, generator=g).requires_grad_(grad) for _ in range(3))
+    mask = make_mask(kind, L)
+    call: Callable[[], Tensor]
+    if method == "tiled":
+
+        def call() -> Tensor:
+            return attention(q, k, v, mask=mask, backend="tiled")
+
+    elif method == "reference":
+
+        def call() -> Tensor:
+            return attention(q, k, v, mask=mask, backend="reference")
+
+    elif method == "sdpa":
+        dense = None if kind in ("dense", "causal") else mask.to_dense(1, 1, L, L)  # type: ignore[union-attr]
+
+        def call() -> Tensor:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=kind == "causal")
+
+    elif method == "flex":
+        key = (kind, L, H, mode)
+        cache = flex_cache if flex_cache is not None else {}
+        if key not in cache:
+            got = _flex_fn(kind, L, H)
+            if got is None:  # pragma: no cover - torch < 2.5
+                res.note = "skipped: FlexAttention needs torch >= 2.5"
+                return res, None
+            fn, block = got
+            t0 = time.perf_counter()
+            out = fn(q, k, v, block_mask=block)
+            if grad:
+                out.sum().backward()
+            cache[key] = (fn, block, time.perf_counter() - t0)
+        fn, block, compile_s = cache[key]
+        res.extra["compile_s"] = compile_s
+
+        def call() -> Tensor:
+            return fn(q, k, v, block_mask=block)  # type: ignore[no-any-return]
+
+    else:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+
+    def once() -> None:
+        out = call()
+        if grad:
+            out.sum().backward()
+            for t in (q, k, v):
+                t.grad = None
+
+    return res, once
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(results: Sequence[Result]) -> str:
+    """A markdown table: one row per case, time / ratio vs SDPA / peak MB per method."""
+    cases: dict[tuple[str, int, int, str], dict[str, Result]] = {}
+    for r in results:
+        cases.setdefault((r.mask, r.L, r.H, r.mode), {})[r.method] = r
+    methods = [m for m in METHODS if any(r.method == m for r in results)]
+    head = "| mask | L | H | pass | " + " | ".join(f"{m} ms (x SDPA) | {m} MB" for m in methods) + " |"
+    lines = [head, "|" + "---|" * (4 + 2 * len(methods))]
+    for (mask, L, H, mode), row in cases.items():
+        base = row.get("sdpa")
+        cells = []
+        for m in methods:
+            got = row.get(m)
+            if got is None or got.ms is None:
+                cells += [got.note if got is not None and got.note else "-", "-"]
+                continue
+            ratio = f" ({base.ms / got.ms:.2f}x)" if base is not None and base.ms else ""
+            cells += [f"{got.ms:.1f}{ratio}", _fmt(got.mb, ".0f")]
+        lines.append(f"| {mask} | {L} | {H} | {mode} | " + " | ".join(cells) + " |")
+    comp = [r for r in results if "compile_s" in r.extra]
+    if comp:
+        lines.append("")
+        lines.append(
+            "FlexAttention compile time (first call, excluded above): "
+            + ", ".join(f"{r.mask} L={r.L} {r.mode}: {r.extra['compile_s']:.1f} s" for r in comp)
+        )
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[Result], path: Path) -> None:
+    """Time and peak memory against sequence length, one column per mask, one line per method/pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masks = [m for m in MASKS if any(r.mask == m for r in results)]
+    fig, axes = plt.subplots(2, max(1, len(masks)), figsize=(4.2 * max(1, len(masks)), 7), squeeze=False)
+    for j, mk in enumerate(masks):
+        for method in METHODS:
+            for mode, style in zip(MODES, ("-", "--")):
+                rs = sorted(
+                    (r for r in results if r.mask == mk and r.method == method and r.mode == mode and r.ms),
+                    key=lambda r: r.L,
+                )
+                if not rs:
+                    continue
+                label = f"{method} {mode}"
+                color = COLORS[method]
+                axes[0, j].plot([r.L for r in rs], [r.ms for r in rs], style, color=color, marker="o", label=label)
+                mem = [(r.L, r.mb) for r in rs if r.mb is not None]
+                if mem:
+                    axes[1, j].plot(*zip(*mem), style, color=color, marker="o", label=label)
+        axes[0, j].set_title(mk)
+        for i, yl in enumerate(("median time (ms)", "peak extra memory (MB)")):
+            ax = axes[i, j]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(yl)
+            ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
+    fig.suptitle("qkv bench: fp32, B=1, D=64; H=8 up to 8k tokens, H=1 beyond (hence the drop at 16k)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run_bench(
+    out: str = "bench-out",
+    quick: bool = False,
+    *,
+    sizes: Sequence[int] | None = None,
+    masks: Sequence[str] = MASKS,
+    flex_sizes: Sequence[int] | None = None,
+    repeats: int | None = None,
+) -> int:
+    """Run the benchmark, print and save ``bench.md``, ``bench.json`` and ``bench.png`` under ``out``.
+
+    Args:
+        out: folder for the outputs (created).
+        quick: two small sizes (256 and 1k tokens), no FlexAttention: under a minute.
+        sizes: sequence lengths to run instead of the defaults (``H=8`` up to 8k, ``H=1`` beyond).
+        masks: which of :data:`MASKS` to run.
+        flex_sizes: lengths at which FlexAttention is compiled and timed (default: 8192 for the
+            causal, sliding-window and document masks, forward only; none with ``quick``).
+        repeats: timed runs per entry (default 3, or 2 with ``quick``).
+
+    Returns:
+        0 on success (the process exit code).
+    """
+    from tqdm import tqdm
+
+    sizes = tuple(sizes) if sizes is not None else (QUICK_SIZES if quick else FULL_SIZES)
+    flex_at = set(flex_sizes) if flex_sizes is not None else (set() if quick else {8192})
+    reps = repeats if repeats is not None else (2 if quick else 3)
+    max_call = 1.0 if quick else 1.5
+    jobs = []
+    for kind in masks:
+        for L in sizes:
+            H = 8 if L <= 8192 else 1
+            for mode in MODES:
+                methods = [m for m in METHODS if m != "flex" or (L in flex_at and kind != "dense" and mode == "fwd")]
+                jobs.append((kind, L, H, mode, methods))
+    results: list[Result] = []
+    flex_cache: dict[Any, Any] = {}
+    torch.manual_seed(0)
+    for kind, L, H, mode, methods in tqdm(jobs, desc="qkv bench", unit="case"):
+        results += compare(methods, kind, L, H, mode, repeats=reps, max_call_s=max_call, flex_cache=flex_cache)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    text = (
+        f"# qkv bench\n\ntorch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs; fp32, B=1, D=64;"
+        f" median of {reps}; ratio = SDPA time / method time in the same run.\n\n" + table(results) + "\n"
+    )
+    (folder / "bench.md").write_text(text)
+    (folder / "bench.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    plot(results, folder / "bench.png")
+    print(text)
+    print(f"wrote {folder / 'bench.md'}, {folder / 'bench.json'} and {folder / 'bench.png'}")
+    return 0

@@ -1,0 +1,282 @@
+"""Plans: what a backend decides before computing, as data, built once and cached.
+
+The lesson of FlexAttention's ``BlockMask``: the block structure of a mask is computed once and handed
+to a kernel that never inspects the mask. A :class:`TilePlan` is that for ``tiled`` (and what ``auto``
+reads the live fraction from): for a mask and a problem shape, which (query tile, key block) pairs are
+empty, full or partial, and the key segments each query tile visits.
+
+Plans are cached (:data:`PLANS`) under the mask's :meth:`~qkv.masks.Mask.cache_key` (its parameters
+and the contents of small tensors it holds), so the layers of a model that share a mask, and the next
+step of a training loop, reuse the plan; a mask that cannot name itself (a large dense mask) caches its
+plans on the object itself.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from ..masks import EMPTY, FULL, PARTIAL, Mask, Shape
+
+__all__ = ["PLANS", "PlanCache", "Segment", "Tile", "TilePlan", "block_codes", "plan_tiles", "tile_plan"]
+
+T = TypeVar("T")
+
+MERGE_FULL = 4
+"""A run of at most this many full key blocks next to partial ones is computed with them in one call."""
+
+
+class PlanCache:
+    """A bounded cache of plans keyed by (mask, what): ``get(mask, key, build)`` returns the plan built
+    by ``build()`` the first time. ``builds`` and ``hits`` count what happened (tests read them)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._lru: OrderedDict[Hashable, Any] = OrderedDict()
+        self._by_object: weakref.WeakKeyDictionary[Mask, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
+        self.builds = 0
+        self.hits = 0
+
+    def get(self, mask: Mask | None, key: Hashable, build: Callable[[], T]) -> T:
+        mk = None if mask is None else mask.cache_key()
+        if mask is not None and mk is None:  # cached on the mask object, gone with it
+            table = self._by_object.setdefault(mask, {})
+            if key in table:
+                self.hits += 1
+                return table[key]  # type: ignore[no-any-return]
+            value = table[key] = build()
+            self.builds += 1
+            return value
+        full_key = (mk, key)
+        if full_key in self._lru:
+            self._lru.move_to_end(full_key)
+            self.hits += 1
+            return self._lru[full_key]  # type: ignore[no-any-return]
+        value = build()
+        self.builds += 1
+        self._lru[full_key] = value
+        if len(self._lru) > self.size:
+            self._lru.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._lru.clear()
+        self._by_object = weakref.WeakKeyDictionary()
+        self.builds = self.hits = 0
+
+
+PLANS = PlanCache()
+"""The process-wide plan cache every backend uses."""
+
+
+# ------------------------------------------------------------------------------------------------
+# tile plans
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Keys ``[k0, k1)`` of one query tile, computed with the mask (``partial``) or without it.
+
+    ``tri`` marks a square segment whose mask is exactly a triangle, which a fused kernel computes
+    with ``is_causal`` (skipping the other half): ``"lower"`` (key ``j`` allowed iff ``j - k0 <= i - q0``,
+    the diagonal of causal attention) or ``"upper"`` (``j - k0 >= i - q0``, the far edge of a causal
+    sliding window; computed with rows and keys reversed)."""
+
+    k0: int
+    k1: int
+    partial: bool
+    tri: str = ""
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Query rows ``[q0, q1)`` and the key segments they visit (none: every row sees nothing)."""
+
+    q0: int
+    q1: int
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The work of one (mask, shape, block sizes): see the module docstring.
+
+    ``codes`` is ``(ceil(Lq/block_q), ceil(Lk/block_k))`` int8 (:data:`~qkv.masks.EMPTY`, ``FULL``,
+    ``PARTIAL``, each for every batch row and head together); ``single`` is ``"full"`` when the whole
+    problem is one unmasked call, ``"causal"`` when it is one square causal call, else ``""``."""
+
+    shape: Shape
+    block_q: int
+    block_k: int
+    codes: Tensor
+    tiles: tuple[Tile, ...]
+    single: str
+
+    @property
+    def blocks(self) -> int:
+        """How many (query tile, key block) pairs the grid has."""
+        return int(self.codes.numel())
+
+    @property
+    def live_fraction(self) -> float:
+        """The fraction of (query tile, key block) pairs that are not empty."""
+        return float((self.codes != EMPTY).float().mean()) if self.codes.numel() else 1.0
+
+    @property
+    def pairs(self) -> float:
+        """(query, key) pairs the segments compute (a triangle counts half): the work, per batch row and head."""
+        n = 0.0
+        for t in self.tiles:
+            rows = t.q1 - t.q0
+            for s in t.segments:
+                n += rows * (s.k1 - s.k0) * (0.5 if s.tri else 1.0)
+        return n
+
+    @property
+    def partial_pairs(self) -> float:
+        """(query, key) pairs in segments computed with the mask evaluated on the tile."""
+        return float(sum((t.q1 - t.q0) * (s.k1 - s.k0) for t in self.tiles for s in t.segments if s.partial))
+
+    @property
+    def calls(self) -> int:
+        """Kernel calls (one per segment)."""
+        return 1 if self.single else sum(len(t.segments) for t in self.tiles)
+
+
+def block_codes(mask: Mask, shape: Shape, block_q: int, block_k: int) -> Tensor:
+    """Per (query tile, key block): EMPTY for every batch row and head, FULL for all, PARTIAL else:
+    an int8 tensor ``(ceil(Lq/block_q), ceil(Lk/block_k))`` on the CPU."""
+    kinds = mask.block_kinds(shape, block_q, block_k)  # (B|1, H|1, nq, nk)
+    all_empty = (kinds == EMPTY).flatten(0, 1).all(dim=0)
+    all_full = (kinds == FULL).flatten(0, 1).all(dim=0)
+    return torch.where(all_empty, EMPTY, torch.where(all_full, FULL, PARTIAL)).to(torch.int8).cpu()
+
+
+def _band_tile(q0: int, q1: int, W: int, shape: Shape) -> Tile | None:
+    """Query rows ``[q0, q1)`` of a causal window ``W`` as triangles and a full run (no mask at all):
+    keys ``[p0 - W, p0 - W + t)`` upper triangle, ``[p0 - W + t, p0)`` full, ``[p0, p0 + t)`` lower
+    triangle, where ``p0 = q0 + Lk - Lq`` and ``t = q1 - q0`` (where key 0 cuts the upper triangle, the
+    cut corner is a partial segment). None where that layout does not apply."""
+    t = q1 - q0
+    p0 = q0 + shape.offset
+    if p0 < 0 or p0 + t > shape.Lk:
+        return None
+    diag = Segment(p0, p0 + t, True, "lower")
+    if W >= p0 + t:  # plain causal reach: everything before the diagonal is full
+        return Tile(q0, q1, ((Segment(0, p0, False),) if p0 else ()) + (diag,))
+    if t > W:
+        return None
+    if p0 - W < 0:  # the window's far edge is cut off by key 0: that corner with the mask on the tile
+        e = p0 - W + t
+        return Tile(q0, q1, (Segment(0, e, True), *((Segment(e, p0, False),) if p0 > e else ()), diag))
+    segs = [Segment(p0 - W, p0 - W + t, True, "upper")]
+    if W > t:
+        segs.append(Segment(p0 - W + t, p0, False))
+    return Tile(q0, q1, (*segs, diag))
+
+
+MIN_BAND = 64
+"""A causal window at least this wide but narrower than the query tile is planned in query tiles no taller
+than the window (triangles and full runs, no mask); narrower windows keep one partial segment per tile."""
+
+
+def _band_tiles(q0: int, q1: int, W: int, shape: Shape) -> list[Tile] | None:
+    """Query rows ``[q0, q1)`` of a causal window ``W`` as band tiles (:func:`_band_tile`), cut into tiles no
+    taller than ``W`` when the window is narrower than the rows. None where that layout does not apply."""
+    one = _band_tile(q0, q1, W, shape)
+    if one is not None:
+        return [one]
+    if W < MIN_BAND or q1 - q0 <= W:
+        return None
+    out = []
+    for a in range(q0, q1, W):
+        t = _band_tile(a, min(a + W, q1), W, shape)
+        if t is None:
+            return None
+        out.append(t)
+    return out
+
+
+def _causal_reach(mask: Mask) -> int | None:
+    """``W`` when ``mask`` is exactly a causal sliding window (keys ``p - W <= j <= p``), a large number
+    for plain causal, else None."""
+    w = mask.window()
+    if w is None or w[1] != 0:
+        return None
+    return 1 << 62 if w[0] is None else w[0]
+
+
+def _segments(row: list[int], block_k: int, Lk: int) -> tuple[Segment, ...]:
+    """Key segments of one query tile from its row of block codes: runs of equal non-empty kinds, a
+    short full run touching a partial one joined to it (one call instead of three)."""
+    runs: list[list[int]] = []  # [kind, first block, last block + 1]
+    for j, c in enumerate(row):
+        if c == EMPTY:
+            continue
+        if runs and runs[-1][0] == c and runs[-1][2] == j:
+            runs[-1][2] = j + 1
+        else:
+            runs.append([c, j, j + 1])
+    merged: list[list[int]] = []
+    for r in runs:
+        if merged and merged[-1][2] == r[1]:
+            last = merged[-1]
+            short = (r[0] == FULL and r[2] - r[1] <= MERGE_FULL) or (
+                last[0] == FULL and last[2] - last[1] <= MERGE_FULL
+            )
+            if short and PARTIAL in (r[0], last[0]):
+                last[0], last[2] = PARTIAL, r[2]
+                continue
+        merged.append(list(r))
+    return tuple(Segment(a * block_k, min(b * block_k, Lk), c == PARTIAL) for c, a, b in merged)
+
+
+def plan_tiles(mask: Mask | None, shape: Shape, block_q: int, block_k: int, codes: Tensor | None = None) -> list[Tile]:
+    """The tiles and key segments for ``mask`` on a problem of ``shape``.
+
+    Args:
+        mask: the request's mask, or ``None`` (every pair meets).
+        shape: the problem (``B, H, Lq, Lk``).
+        block_q: query-tile rows.
+        block_k: key-block length (the grain at which empty and full blocks are found).
+        codes: :func:`block_codes` if already computed.
+
+    Returns:
+        One :class:`Tile` per query tile. Empty key blocks appear in no segment; a block that is full
+        for every batch row and head is in a segment with ``partial=False``."""
+    if mask is None:
+        return [Tile(0, shape.Lq, (Segment(0, shape.Lk, False),))]
+    reach = _causal_reach(mask)
+    code = (codes if codes is not None else block_codes(mask, shape, block_q, block_k)).tolist()
+    tiles: list[Tile] = []
+    for i, row in enumerate(code):
+        q0, q1 = i * block_q, min((i + 1) * block_q, shape.Lq)
+        band = _band_tiles(q0, q1, reach, shape) if reach is not None else None
+        tiles.extend(band if band is not None else [Tile(q0, q1, _segments(row, block_k, shape.Lk))])
+    return tiles
+
+
+def _build(mask: Mask | None, shape: Shape, block_q: int, block_k: int) -> TilePlan:
+    nq, nk = -(-shape.Lq // block_q), -(-shape.Lk // block_k)
+    if mask is None:
+        codes = torch.full((nq, nk), FULL, dtype=torch.int8)
+        return TilePlan(shape, block_q, block_k, codes, tuple(plan_tiles(None, shape, block_q, block_k)), "full")
+    codes = block_codes(mask, shape, block_q, block_k)
+    tiles = tuple(plan_tiles(mask, shape, block_q, block_k, codes))
+    single = ""
+    if mask.is_causal and shape.Lq == shape.Lk:
+        single = "causal"
+    elif codes.numel() and bool((codes == FULL).all()):
+        single = "full"
+    return TilePlan(shape, block_q, block_k, codes, tiles, single)
+
+
+def tile_plan(mask: Mask | None, shape: Shape, block_q: int, block_k: int) -> TilePlan:
+    """The :class:`TilePlan` of ``mask`` on ``shape`` with these block sizes, from :data:`PLANS`."""
+    return PLANS.get(mask, ("tiles", shape, block_q, block_k), lambda: _build(mask, shape, block_q, block_k))

@@ -1,0 +1,43 @@
+"""The backends known by name. Each backend module registers one instance on import; a backend from
+outside the package registers the same way (``qkv.backends.register(MyBackend())``) and then takes
+part in ``auto`` and :func:`qkv.explain` like the built-in ones."""
+
+from __future__ import annotations
+
+from .base import Backend
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add ``backend`` under ``backend.name`` (a later registration replaces an earlier one).
+
+    Raises ``TypeError`` unless it is a :class:`qkv.backends.Backend` with a non-empty string name."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register: expected a qkv.backends.Backend instance, got {type(backend).__name__}")
+    if not isinstance(backend.name, str) or not backend.name or backend.name == "auto":
+        raise ValueError(f"register: a backend needs a non-empty name other than 'auto', got {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def unregister(name: str) -> None:
+    """Remove the backend registered as ``name`` (no error if there is none)."""
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Backend:
+    """The backend registered as ``name``; ``ValueError`` listing the valid names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(['auto', *_REGISTRY])}")
+    return _REGISTRY[name]
+
+
+def registered() -> dict[str, Backend]:
+    """All registered backends, available here or not, in registration order."""
+    return dict(_REGISTRY)
+
+
+def available() -> tuple[str, ...]:
+    """Names of the backends that can run on this machine."""
+    return tuple(n for n, b in _REGISTRY.items() if b.available())

@@ -1,0 +1,48 @@
+"""``qkv bench`` on a tiny config writes its table, raw results and plot; the memory probe sees a
+known allocation; the CLI reaches ``run_bench``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qkv.apps import bench
+from qkv.cli import build_parser
+
+
+def test_run_bench_writes_table_json_and_png(tmp_path, capsys):
+    out = tmp_path / "b"
+    rc = bench.run_bench(str(out), quick=True, sizes=(64,), masks=("causal", "sliding_window(16)"), repeats=1)
+    assert rc == 0
+    md = (out / "bench.md").read_text()
+    assert "| causal | 64 | 8 | fwd |" in md and "| sliding_window(16) | 64 | 8 | fwd+bwd |" in md
+    assert "(1.00x)" in md  # SDPA against itself
+    rows = json.loads((out / "bench.json").read_text())
+    assert {r["method"] for r in rows} == {"tiled", "sdpa", "reference"}
+    assert all(r["ms"] and r["ms"] > 0 for r in rows)
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bench.md" in capsys.readouterr().out
+
+
+def test_peak_memory_sees_a_known_allocation():
+    n = 64 * 2**20  # 64 MiB
+    peak = bench.peak_memory(lambda: torch.ones(n // 4).sum())
+    if peak is None:
+        pytest.skip("the memory probe needs a writable /proc/self/clear_refs (Linux); the bench reports n/a")
+    assert n * 0.9 < peak < n * 1.5
+    small = bench.peak_memory(lambda: torch.ones(1000).sum())
+    assert small is not None and small < n / 4
+
+
+def test_skips_what_would_take_too_long_and_says_why():
+    r = bench.measure("reference", "dense", 8192, 8, "fwd+bwd", max_call_s=1000.0, reference_bytes=2**30)
+    assert r.ms is None and "GiB" in r.note
+    r = bench.measure("sdpa", "dense", 32768, 8, "fwd+bwd", max_call_s=1.0)
+    assert r.ms is None and "skipped" in r.note
+
+
+def test_cli_bench_options():
+    args = build_parser().parse_args(["bench", "--quick", "--out", "x"])
+    assert args.quick and args.out == "x"

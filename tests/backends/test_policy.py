@@ -1,0 +1,101 @@
+"""``auto`` reads the backend protocol (supports / cost / plan / run) and names no backend."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from typing import Any
+
+import pytest
+import torch
+
+import qkv
+from qkv import backends
+from qkv import masks as M
+from qkv.backends import Backend, Request, policy
+
+
+class _Toy(Backend):
+    """Says it is the cheapest for everything it serves; computes with the reference formula."""
+
+    name = "toy"
+    options = frozenset({"toy_flag"})
+
+    def __init__(self) -> None:
+        self.plans = 0
+        self.runs: list[Any] = []
+
+    def supports(self, req: Request) -> str | None:
+        return None if req.mask is None else "toy serves unmasked requests only"
+
+    def plan(self, req: Request) -> Any:
+        self.plans += 1
+        return ("toy plan", req.Lq)
+
+    def cost(self, req: Request) -> float:
+        return 0.0
+
+    def describe(self, req: Request) -> str:
+        return "the toy backend"
+
+    def run(self, req: Request, plan: Any = None) -> torch.Tensor:
+        self.runs.append(plan)
+        return backends.get("reference").run(req)  # type: ignore[return-value]
+
+
+@pytest.fixture
+def toy():
+    t = backends.register(_Toy())
+    yield t
+    backends.unregister("toy")
+
+
+def test_a_registered_backend_takes_part_in_auto_and_explain(toy):
+    q = torch.randn(1, 2, 16, 8)
+    e = qkv.explain(q, q, q)
+    assert e.backend == "toy" and "toy" in str(e) and e.costs["toy"] == 0.0
+    out = qkv.attention(q, q, q)
+    assert toy.runs == [("toy plan", 16)]  # run() got the plan auto made
+    torch.testing.assert_close(out, qkv.attention(q, q, q, backend="reference"))
+    # what it declines, it declines with its reason, and auto goes elsewhere
+    e = qkv.explain(q, q, q, mask=M.causal())
+    assert e.backend != "toy" and e.declined["toy"] == "toy serves unmasked requests only"
+    # its options route requests to it; unknown options still fail clearly
+    assert qkv.explain(q, q, q, toy_flag=1).backend == "toy"
+    with pytest.raises(TypeError, match="does not take the option"):
+        qkv.attention(q, q, q, backend="sdpa", toy_flag=1)
+
+
+def test_backends_that_auto_may_not_pick_say_so():
+    q = torch.randn(1, 2, 16, 8)
+    e = qkv.explain(q, q, q)
+    for name in ("linear", "performer", "nystrom"):
+        assert "only when asked for by name" in e.declined[name]
+        assert name not in e.costs
+
+
+def test_register_rejects_what_is_not_a_backend():
+    with pytest.raises(TypeError, match="Backend instance"):
+        backends.register(object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name"):
+        backends.register(type("Nameless", (Backend,), {"name": ""})())
+
+
+def test_the_policy_names_no_backend():
+    """No string in the policy or in attention() is a backend's name: auto reads the protocol."""
+    import sys
+
+    names = set(backends.registered())
+    for mod in (policy, sys.modules["qkv.attention"]):
+        tree = ast.parse(inspect.getsource(mod))
+        literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not (literals & names), f"{mod.__name__} names backends {sorted(literals & names)}"
+
+
+def test_no_backend_can_serve_raises_with_every_reason(monkeypatch):
+    q = torch.randn(1, 2, 16, 8)
+    req = Request(q, q, q, None, None, 1.0, 0.0, False)
+    monkeypatch.setattr(policy, "registered", lambda: {"toy": _Toy()} | {})
+    monkeypatch.setattr(_Toy, "supports", lambda self, req: "never")
+    with pytest.raises(NotImplementedError, match="toy: never"):
+        policy.choose(req)

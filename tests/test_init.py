@@ -1,0 +1,40 @@
+"""``import qkv`` stays light (modules, models, analysis and commands load on first use, PEP 562) and
+``qkv.nn``, ``qkv.models``, ``qkv.analysis``, ``qkv.distributed`` work after a bare ``import qkv``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import qkv
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(qkv.__file__)))
+
+
+def _python(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=True)
+    return r.stdout
+
+
+def test_import_qkv_loads_no_module_layer_and_no_plotting():
+    out = _python(
+        "import sys, qkv\n"
+        "heavy = ('qkv.nn', 'qkv.models', 'qkv.analysis', 'qkv.apps', 'matplotlib', 'tokenizers', 'safetensors')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+        "print(qkv.nn.MultiHeadAttention.__name__, qkv.models.GPT.__name__, qkv.analysis.capture.__name__,"
+        " qkv.distributed.SequenceParallelAttention.__name__)\n"
+    )
+    first, second = out.splitlines()
+    assert first == "[]"
+    assert second == "MultiHeadAttention GPT capture SequenceParallelAttention"
+
+
+def test_lazy_names_are_listed_and_unknown_names_raise():
+    assert {"nn", "models", "analysis", "distributed", "attention", "masks"} <= set(dir(qkv))
+    assert qkv.nn is sys.modules["qkv.nn"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        qkv.nope  # noqa: B018
