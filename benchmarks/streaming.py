@@ -10,7 +10,7 @@ longer than the training context, decoded token by token with
     python benchmarks/streaming.py                 # 8k bytes x 4 streams
     python benchmarks/streaming.py --quick         # 1k bytes x 2 streams
 
-The model is the one ``qkv train lm`` trains (``qkv.tasks.lm.train``, context 128). It is trained once
+The model is the one ``qkv train lm`` trains (``qkv.apps.tasks.lm.train``, context 128). It is trained once
 and kept as safetensors under ``--ckpt`` (default ``bench-out/streaming/lm.safetensors``); later runs
 load it. Prints a table and writes ``--out`` (a PNG of bits/byte against position).
 """
@@ -30,7 +30,7 @@ from torch import Tensor
 from qkv.models import GPT
 
 CTX = 128
-"""The ``lm`` task's training context (``qkv.tasks.lm.train``, full config)."""
+"""The ``lm`` task's training context (``qkv.apps.tasks.lm.train``, full config)."""
 
 
 def load_or_train(path: str) -> GPT:
@@ -44,7 +44,7 @@ def load_or_train(path: str) -> GPT:
         model = GPT(**cfg)
         load_model(model, path)
         return model.eval()
-    from qkv.tasks.lm import train
+    from qkv.apps.tasks.lm import train
 
     t0 = time.perf_counter()
     result = train(progress=True)
@@ -150,7 +150,7 @@ def main() -> None:
         return
     if args.quick:
         args.length, args.streams = 1024, 2
-    from qkv.tasks.lm import load_stdlib_text
+    from qkv.apps.tasks.lm import load_stdlib_text
 
     _, val = load_stdlib_text(3_000_000, 0)  # the lm task's held-out files
     data = torch.tensor(list(val), dtype=torch.long)

@@ -6,7 +6,14 @@ its metric beside a baseline.
 - ``vit``: a ViT on scikit-learn's 8x8 handwritten digits, with attention-rollout maps (:mod:`qkv.apps.tasks.vit`);
 - ``forecast``: an attention forecaster on Google's daily trading volume that matplotlib ships
   (:mod:`qkv.apps.tasks.forecast`);
-- ``recsys``: SASRec-style next-item prediction on generated histories (:mod:`qkv.apps.tasks.recsys`).
+- ``recsys``: SASRec-style next-item prediction on generated histories (:mod:`qkv.apps.tasks.recsys`);
+- ``speech``: spoken digit strings synthesised by ``espeak-ng``, recognised by an attention encoder-decoder
+  (:mod:`qkv.apps.tasks.speech`);
+- ``caption``: scenes of handwritten digits captioned by a patch encoder and a word decoder with
+  cross-attention (:mod:`qkv.apps.tasks.caption`).
+
+A task module may define ``missing() -> str | None``: what it needs and is not installed (then
+``qkv train`` prints it and exits with status 2).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from .common import TaskResult
 
 __all__ = ["TASKS", "TaskResult", "run_task", "train_task"]
 
-TASKS = ("lm", "vit", "forecast", "recsys")
+TASKS = ("lm", "vit", "forecast", "recsys", "speech", "caption")
 
 
 def train_task(
@@ -43,6 +50,11 @@ def run_task(task: str, out: str | None = None, quick: bool = False, seed: int =
 
     if task not in TASKS:
         print(f"qkv train: unknown task {task!r}; choose one of: {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    mod: Any = importlib.import_module(f".{task}", __name__)
+    need = mod.missing() if hasattr(mod, "missing") else None
+    if need:
+        print(f"qkv train {task}: {need}", file=sys.stderr)
         return 2
     out = out or f"qkv-train-{task}"
     os.makedirs(out, exist_ok=True)

@@ -1,0 +1,100 @@
+"""Spoken digits (``qkv.apps.tasks.spoken``): utterance lists, espeak-ng synthesis, log-mel features and their cache.
+
+Synthesis tests need Debian's ``espeak-ng`` (``./dev test`` installs it) and are skipped without it."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from qkv.apps.tasks import spoken
+from qkv.apps.tasks.spoken import (
+    DIGIT_WORDS,
+    HOP,
+    N_MELS,
+    SAMPLE_RATE,
+    Utterance,
+    log_mel,
+    make_utterances,
+    synthesize,
+    utterance_features,
+)
+
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)"
+)
+
+
+def test_make_utterances_is_seeded_and_in_range():
+    voices = ["en-us+m1", "en-gb+f3"]
+    a = make_utterances(200, 4, voices, seed=3)
+    assert a == make_utterances(200, 4, voices, seed=3)
+    assert a != make_utterances(200, 4, voices, seed=4)
+    assert {len(u.digits) for u in a} == {1, 2, 3, 4}
+    assert {u.voice for u in a} == set(voices)
+    assert all(120 <= u.speed <= 230 and 25 <= u.pitch <= 75 for u in a)
+    assert Utterance((4, 0, 2), "en-us", 150, 50).text == "four zero two"
+    assert DIGIT_WORDS[7] == "seven"
+    with pytest.raises(ValueError, match="max_digits"):
+        make_utterances(3, 0, voices, 0)
+
+
+def test_log_mel_of_a_tone_peaks_in_its_band():
+    """A 1 kHz tone: the loudest mel band is the one whose centre is nearest 1 kHz (librosa's own mel scale)."""
+    import librosa
+
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    y = (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+    x = log_mel(y)
+    assert x.shape == (SAMPLE_RATE // HOP + 1, N_MELS) and x.dtype == np.float32
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-4)  # each band normalised over the utterance
+    m = librosa.feature.melspectrogram(
+        y=y, sr=SAMPLE_RATE, n_fft=512, hop_length=HOP, n_mels=N_MELS, fmin=60.0, fmax=8000.0
+    )
+    centres = librosa.mel_frequencies(N_MELS + 2, fmin=60.0, fmax=8000.0)[1:-1]
+    assert int(m.mean(1).argmax()) == int(np.abs(centres - 1000).argmin())
+    with pytest.raises(ValueError, match="1-D"):
+        log_mel(np.zeros((2, 10), np.float32))
+
+
+def test_missing_espeak_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(spoken.shutil, "which", lambda name: None)
+    assert not spoken.espeak_available()
+    with pytest.raises(RuntimeError, match="apt-get install -y espeak-ng"):
+        synthesize(Utterance((1,), "en-us", 150, 50))
+
+
+@needs_espeak
+def test_synthesis_is_deterministic_and_depends_on_the_voice():
+    u = Utterance((4, 7, 2), "en-us+m1", 170, 50)
+    y = synthesize(u)
+    assert y.dtype == np.float32 and 0.4 < len(y) / SAMPLE_RATE < 3.0  # three words at 170 words/min
+    assert 0.05 < np.abs(y).max() <= 1.0
+    np.testing.assert_array_equal(y, synthesize(u))
+    other = synthesize(Utterance((4, 7, 2), "en-gb-scotland+f3", 170, 50))
+    assert len(other) != len(y) or not np.array_equal(other, y)
+    slow = synthesize(Utterance((4, 7, 2), "en-us+m1", 120, 50))
+    assert len(slow) > 1.2 * len(y)  # speed is words per minute
+    longer = synthesize(Utterance((4, 7, 2, 9, 9, 1), "en-us+m1", 170, 50))
+    assert len(longer) > 1.5 * len(y)
+
+
+@needs_espeak
+def test_features_are_cached(tmp_path, monkeypatch):
+    utts = make_utterances(6, 3, ["en-us+m2"], seed=0)
+    feats = utterance_features(utts, str(tmp_path), workers=2)
+    assert len(feats) == 6 and all(f.shape[1] == N_MELS for f in feats)
+    assert len(list(tmp_path.glob("spoken-*.npz"))) == 1
+
+    def boom(u: Utterance) -> np.ndarray:
+        raise AssertionError("synthesised again instead of reading the cache")
+
+    monkeypatch.setattr(spoken, "synthesize", boom)
+    again = utterance_features(utts, str(tmp_path))
+    for a, b in zip(feats, again):
+        np.testing.assert_array_equal(a, b)
+    # the features of one utterance do not depend on the batch it was synthesised in
+    monkeypatch.undo()
+    np.testing.assert_allclose(utterance_features(utts[2:3])[0], feats[2], atol=5e-3)
