@@ -1,9 +1,15 @@
 """The float64 oracle and FlashAttention's tolerance rule, for every backend's tests.
 
-The rule: a backend's error against ``reference`` in float64 must be at most twice the error that
-the reference itself makes when run in the backend's dtype, plus a small floor. For float32 inputs
-that baseline is the reference in float32; for float16/bfloat16 it is the reference computing in that
-low dtype (as FlashAttention's tests compare with PyTorch in fp16/bf16).
+The rule: a backend's error against ``reference`` in float64 must be at most twice the error of the
+same formula computed in the backend's dtype, plus a small floor (:data:`FLOOR`). The baseline
+formula is:
+
+* float32 / float64: ``reference`` computing in that dtype;
+* float16 / bfloat16: the formula computed *entirely* in the low dtype, with no upcast anywhere
+  (:func:`low_precision_formula`: ``Q Kᵀ``, the softmax and ``P V`` in bf16/fp16, and their
+  gradients by autograd in bf16/fp16): flash-attn's ``attention_ref(upcast=False)``. Fused
+  half-precision kernels round ``P`` to the low dtype before ``P V`` as that formula does, so the
+  reference in float32 would be a baseline they could never meet.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from qkv.attention import _validate
 from qkv.backends.reference import reference_attention
 
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+HALF = (torch.float16, torch.bfloat16)
 
 
 def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None) -> tuple[Tensor, ...]:
@@ -42,20 +49,78 @@ def oracle(q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None = None, **kw: An
     )
 
 
+def low_precision_formula(q: Tensor, k: Tensor, v: Tensor, **kw: Any) -> Tensor:
+    """``softmax(Q Kᵀ · scale + mods, masked) V`` with every operation in the inputs' dtype: no upcast.
+
+    Written here, apart from every backend: grouped-query K/V are repeated per query head (their
+    gradients summed back by autograd, as flash-attn's reference does with ``repeat``), the score mod
+    and the mask are applied to the low-precision scores, the softmax runs on them, and ``P`` is
+    multiplied with ``V`` in the same dtype. A query row that may attend to nothing gives zeros (and
+    zero gradient). Accepts what ``qkv.attention`` accepts (``mask``, ``score_mod``, ``scale``, ``sinks``:
+    one more column of the low-precision scores, dropped after the softmax)."""
+    sinks = kw.get("sinks")
+    req, squeeze = _validate(q, k, v, kw.get("mask"), kw.get("score_mod"), kw.get("scale"), 0.0, False, {}, sinks)
+    dt = q.dtype
+    qq, kk, vv = req.q, req.k, req.v
+    G = req.groups
+    kk, vv = kk.repeat_interleave(G, dim=1), vv.repeat_interleave(G, dim=1)
+    s = (qq @ kk.transpose(-1, -2)) * req.scale  # (B, H, Lq, Lk) in the low dtype
+    shape = req.shape
+    B, H, Lq, Lk = req.B, req.H, req.Lq, req.Lk
+    b = torch.arange(B).view(-1, 1, 1, 1)
+    h = torch.arange(H).view(1, -1, 1, 1)
+    qi = torch.arange(Lq).view(1, 1, -1, 1)
+    ki = torch.arange(Lk).view(1, 1, 1, -1)
+    if req.score_mod is not None:
+        s = req.score_mod.apply(shape, s, b, h, qi, ki).to(dt).expand(B, H, Lq, Lk)
+    if req.mask is not None:
+        s = s.masked_fill(~req.mask.to_dense(B, H, Lq, Lk), float("-inf"))
+    if sinks is not None:
+        s = torch.cat((s, sinks.to(dt).view(1, H, 1, 1).expand(B, H, Lq, 1)), dim=-1)
+    dead = torch.isneginf(s).all(dim=-1, keepdim=True)  # rows that see nothing
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).to(dt).masked_fill(dead, 0.0)[..., :Lk]
+    out = p @ vv
+    for _ in range(squeeze):
+        out = out.squeeze(0)
+    return out
+
+
 def low_precision_reference(
     q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None = None, **kw: Any
 ) -> tuple[Tensor, ...]:
-    """The reference computed entirely in the inputs' dtype (no upcast): the error baseline."""
+    """The baseline of the rule, ``(out, [dq, dk, dv])``: :func:`low_precision_formula` for
+    float16/bfloat16, ``reference`` computing in the inputs' dtype for float32/float64."""
     kw = {key: val for key, val in kw.items() if key != "backend"}
+    if q.dtype in HALF:
+        return _run(lambda a, b, c: low_precision_formula(a, b, c, **kw), q, k, v, dout)
 
     def fn(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        req, squeeze = _validate(a, b, c, kw.get("mask"), kw.get("score_mod"), kw.get("scale"), 0.0, False, {})
+        req, squeeze = _validate(
+            a, b, c, kw.get("mask"), kw.get("score_mod"), kw.get("scale"), 0.0, False, {}, kw.get("sinks")
+        )
         out = reference_attention(req, dtype=a.dtype)[0].to(a.dtype)
         for _ in range(squeeze):
             out = out.squeeze(0)
         return out
 
     return _run(fn, q, k, v, dout)
+
+
+def errors(
+    got: tuple[Tensor, ...], q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None = None, **kw: Any
+) -> list[tuple[str, float, float, float]]:
+    """``(name, error, baseline error, largest oracle magnitude)`` of ``got = (out, [dq, dk, dv])``
+    against the float64 oracle."""
+    ref = oracle(q, k, v, dout, **kw)
+    base = low_precision_reference(q, k, v, dout, **kw)
+    res = []
+    for name, g, r, b in zip(("out", "dq", "dk", "dv"), got, ref, base):
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err = (g.double() - r).abs().max().item() if g.numel() else 0.0
+        base_err = (b.double() - r).abs().max().item() if b.numel() else 0.0
+        res.append((name, err, base_err, r.abs().max().item() if r.numel() else 0.0))
+    return res
 
 
 def check_backend(
@@ -78,15 +143,9 @@ def check_backend(
     dout = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype) if grad else None
     opts = options or {}
     got = _run(lambda a, b, c: qkv.attention(a, b, c, backend=backend, **kw, **opts), q, k, v, dout)
-    ref = oracle(q, k, v, dout, **kw)
-    base = low_precision_reference(q, k, v, dout, **kw)
-    for name, g, r, b in zip(("out", "dq", "dk", "dv"), got, ref, base):
-        floor = FLOOR[q.dtype] * (max(1.0, r.abs().max().item()) if relative_floor and r.numel() else 1.0)
+    for name, err, base_err, big in errors(got, q, k, v, dout, **kw):
+        floor = FLOOR[q.dtype] * (max(1.0, big) if relative_floor else 1.0)
         floor *= 1.0 if name == "out" else grad_floor_scale
-        assert g.shape == r.shape, f"{backend} {name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
-        assert torch.isfinite(g).all(), f"{backend} {name}: non-finite values"
-        err = (g.double() - r).abs().max().item() if g.numel() else 0.0
-        base_err = (b.double() - r).abs().max().item() if b.numel() else 0.0
         assert err <= 2 * base_err + floor, (
             f"{backend} {name} ({q.dtype}): error {err:.3g} > 2 x baseline {base_err:.3g} + {floor:g}"
         )

@@ -321,3 +321,39 @@ def test_flex_weights_with_sinks_and_its_declines():
         qkv.attention(q.requires_grad_(True), k, v, sinks=s, backend="flex", compile=False)
     with pytest.raises(NotImplementedError, match="sinks need"):
         qkv.attention(q.detach(), k, v, sinks=s, backend="flex")  # the compiled CPU kernel gives no logsumexp
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", [None, "causal", "window", "documents"])
+def test_half_precision_sinks_on_the_fused_kernel(monkeypatch, dtype, mask):
+    """bf16/fp16 with sinks on tiled's fused engine: every kernel call (one call, triangles, a causal
+    window's batched band, partial tiles; forward and backward) gets the inputs' dtype, the correction and
+    the sinks' gradient are float32, and out, dq, dk, dv and dsinks meet the rule against the formula in
+    float64 (baseline: the formula computed entirely in the low dtype). GQA, Dv != D, sinks in float32."""
+    from qkv.backends import kernels as K
+
+    L = 1100
+    m = {
+        None: None,
+        "causal": M.causal(),
+        "window": M.causal() & M.sliding_window(100),
+        "documents": M.document(torch.arange(L) * 3 // L),
+    }[mask]
+    if mask == "window":
+        assert T.tile_plan(m, M.Shape(1, 4, L, L), T.BLOCK_Q, T.BLOCK_K).band is not None
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, L, 16).to(dtype), torch.randn(1, 2, L, 16).to(dtype), torch.randn(1, 2, L, 12).to(dtype)
+    s = torch.randn(4) * 2
+    seen: list[torch.dtype] = []
+    for name, arg in (("FLASH", 0), ("FLASH_BWD", 1)):
+        real = getattr(K, name)
+
+        def spy(*a, _real=real, _arg=arg, **kw):
+            seen.append(a[_arg].dtype)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(K, name, spy)
+    check("tiled", q, k, v, s, m)
+    assert seen and set(seen) == {dtype}
+    out = qkv.attention(q, k, v, mask=m, sinks=s.to(dtype), backend="tiled")
+    assert out.dtype == dtype

@@ -29,11 +29,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time and memory of the backends against PyTorch SDPA and FlexAttention")
     p.add_argument("--out", default="bench-out", help="folder for the table and plot")
     p.add_argument("--quick", action="store_true", help="a few sizes only")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of q, k, v (default float32)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from .apps import run_command
 
-        return run_command("bench", out=args.out, quick=args.quick)
+        return run_command("bench", out=args.out, quick=args.quick, dtype=args.dtype)
 
     p.set_defaults(func=run)
 

@@ -24,6 +24,35 @@ def test_run_bench_writes_table_json_and_png(tmp_path, capsys):
     assert all(r["ms"] and r["ms"] > 0 for r in rows)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench.md" in capsys.readouterr().out
+    assert "Matmul peak in float32" in md and "GFLOP/s (peak)" in md
+    for r in rows:  # achieved rate of the work the mask leaves, and its fraction of the measured peak
+        want = bench.useful_flops(r["mask"], r["L"], r["H"], r["mode"]) / (r["ms"] / 1000) / 1e9
+        assert abs(r["extra"]["gflops"] - want) < 1e-6 * want and r["extra"]["peak"] > 0 and r["dtype"] == "float32"
+    # every method's fraction is of the one matmul peak measured at the start (not of another quantity)
+    peaks = [r["extra"]["gflops"] * 1e9 / r["extra"]["peak"] for r in rows]
+    assert max(peaks) < 1.000001 * min(peaks)
+
+
+def test_run_bench_in_bfloat16(tmp_path):
+    out = tmp_path / "b"
+    rc = bench.run_bench(str(out), quick=True, sizes=(64,), masks=("causal",), repeats=1, dtype="bfloat16")
+    assert rc == 0
+    md = (out / "bench.md").read_text()
+    assert "bfloat16, B=1" in md and "Matmul peak in bfloat16" in md
+    assert {r["dtype"] for r in json.loads((out / "bench.json").read_text())} == {"bfloat16"}
+
+
+def test_live_pairs_count_what_the_mask_leaves():
+    for kind in ("dense", "causal", "sliding_window(5)", "document(3)"):
+        for L in (1, 4, 17):
+            mask = bench.make_mask(kind, L)
+            want = L * L if mask is None else int(mask.to_dense(1, 1, L, L).sum())
+            assert bench.live_pairs(kind, L) == want, (kind, L)
+
+
+def test_matmul_peak_is_a_rate():
+    rate = bench.matmul_peak(torch.float32, max_n=256)
+    assert 1e6 < rate < 1e15
 
 
 def test_peak_memory_sees_a_known_allocation():
@@ -45,4 +74,5 @@ def test_skips_what_would_take_too_long_and_says_why():
 
 def test_cli_bench_options():
     args = build_parser().parse_args(["bench", "--quick", "--out", "x"])
-    assert args.quick and args.out == "x"
+    assert args.quick and args.out == "x" and args.dtype == "float32"
+    assert build_parser().parse_args(["bench", "--dtype", "bfloat16"]).dtype == "bfloat16"

@@ -56,7 +56,9 @@ def test_span_backward_sums_to_the_exact_gradient(dtype, causal, engine, monkeyp
     if causal:
         k, v, allowed = k[:, :, :9], v[:, :, :9], None
     qa, ka, va = (t.clone().requires_grad_(True) for t in (q, k, v))
-    ref = oracle(qa, ka, va, torch.ones(2, 4, 9, 6), scale=0.3, mask=allowed if not causal else torch.ones(9, 9).tril().bool())
+    ref = oracle(
+        qa, ka, va, torch.ones(2, 4, 9, 6), scale=0.3, mask=allowed if not causal else torch.ones(9, 9).tril().bool()
+    )
     out, lse = K.span_forward(q, k, v, 0.3, allowed, causal)
     dout = torch.ones_like(out)
     n = k.shape[2]
@@ -81,3 +83,73 @@ def test_safe_softmax_gives_zero_rows_and_zero_gradient():
     assert torch.equal(p[1], torch.zeros(2))
     p.sum().backward()
     assert torch.isfinite(s.grad).all() and (s.grad[1] == 0).all()
+
+
+def test_half_speed_is_measured_once_and_picks_the_compute_dtype(monkeypatch):
+    monkeypatch.setattr(K, "_HALF_SPEED", {})
+    fwd, bwd = K.half_speed(torch.bfloat16), K.half_speed(torch.bfloat16, backward=True)
+    assert 0 < fwd < 100 and 0 < bwd < 100
+    assert set(K._HALF_SPEED) == {(torch.bfloat16, False), (torch.bfloat16, True)}
+    K._HALF_SPEED[torch.bfloat16, False] = 0.5
+    assert K.half_speed(torch.bfloat16) == 0.5  # cached: not measured again
+    assert K.compute_dtype(torch.bfloat16, fused=True) == torch.float32  # clearly slower: float32
+    K._HALF_SPEED[torch.bfloat16, False] = K._HALF_SPEED[torch.bfloat16, True] = 0.9
+    assert K.compute_dtype(torch.bfloat16, fused=True) == torch.bfloat16
+    assert K.compute_dtype(torch.bfloat16, fused=True, backward=True) == torch.bfloat16
+    assert K.compute_dtype(torch.bfloat16) == torch.float32  # the eager engine computes in float32
+    K._HALF_SPEED[torch.bfloat16, True] = 0.2
+    assert K.compute_dtype(torch.bfloat16, fused=True, backward=True) == torch.float32
+    assert K.compute_dtype(torch.float64, fused=True) == torch.float64
+    assert K.half_speed(torch.float32) == 1.0
+
+
+def _errors(fn, q, k, v, dout):
+    """Max errors of ``fn``'s (dq, dk, dv) and of the formula computed in the low dtype, against float64."""
+    from oracle import errors
+
+    return {name: (e, b) for name, e, b, _ in errors(fn(), q, k, v, dout, mask=torch.ones(512, 512).tril().bool())}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_backward_with_grouped_heads_holds_where_the_kernel_alone_does_not(dtype):
+    """PyTorch's CPU flash backward, called once with grouped heads (B=2, H=8, Hkv=2, 512 tokens,
+    D=128, causal), adds the 4 heads of a group and every 64-row block into one low-precision dV row:
+    its dV error exceeds twice that of the formula computed in the low dtype (the rule, floor included).
+    span_backward (one head per key head per call, sums in float32) meets the rule."""
+    from ..oracle import FLOOR
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 512, 128, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 512, 128, generator=g).to(dtype) for _ in range(2))
+    dout = torch.randn(2, 8, 512, 128, generator=g).to(dtype)
+    scale = 128**-0.5
+    out, lse = K.span_forward(q, k, v, scale, causal=True)
+
+    def ours():
+        return (out, *K.span_backward(dout, q, k, v, out, lse, scale, causal=True))
+
+    def kernel_alone():
+        return (out, *K._fused_backward(dout, q, k, v, out, lse, scale, None, True))
+
+    floor = FLOOR[dtype]
+    good, bad = _errors(ours, q, k, v, dout), _errors(kernel_alone, q, k, v, dout)
+    assert all(e <= 2 * b + floor for e, b in good.values()), good
+    e, b = bad["dv"]
+    assert e > 2 * b + floor, bad
+
+
+def test_half_backward_in_row_chunks_sums_to_the_one_call(monkeypatch):
+    """Chunks of BWD_ROWS query rows (under a causal flag: a full part and a triangle each), with a mask
+    sliced per chunk, sum to what one call gives, up to bf16 rounding."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8).to(torch.bfloat16) for _ in range(3))
+    allowed = torch.rand(1, 1, 40, 40) > 0.3
+    for mask, causal in ((None, True), (allowed, False), (allowed, True)):
+        out, lse = K.span_forward(q, k, v, 0.3, mask, causal)
+        dout = torch.randn_like(out)
+        one = K._fused_backward(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.3, mask, causal)
+        monkeypatch.setattr(K, "BWD_ROWS", 7)
+        chunks = K.span_backward(dout, q, k, v, out, lse, 0.3, mask, causal)
+        monkeypatch.setattr(K, "BWD_ROWS", 1024)
+        for a, b in zip(chunks, one):
+            torch.testing.assert_close(a.float(), b, atol=3e-2, rtol=3e-2)

@@ -139,6 +139,14 @@ def scenario_check(rank: int, world: int) -> None:
         ),
         ("ulysses causal zigzag gqa", dict(strategy="ulysses", layout="zigzag", mask_fn=lambda i: causal(), Hkv=2)),
         (
+            "ring causal zigzag gqa bfloat16",
+            dict(strategy="ring", layout="zigzag", mask_fn=lambda i: causal(), Hkv=2, dtype=torch.bfloat16, tile=2),
+        ),
+        (
+            "ulysses window contiguous bfloat16",
+            dict(strategy="ulysses", layout="contiguous", mask_fn=lambda i: sliding_window(5), dtype=torch.bfloat16),
+        ),
+        (
             "ulysses window contiguous backend",
             dict(strategy="ulysses", layout="contiguous", mask_fn=lambda i: sliding_window(5), api="qkv.attention"),
         ),

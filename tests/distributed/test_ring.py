@@ -49,7 +49,7 @@ def test_ring_and_ulysses_match_reference(world: int, tmp_path: Path) -> None:
     codes, outs = _launch("check", world, tmp_path, timeout=120)
     for r, (c, out) in enumerate(zip(codes, outs)):
         assert c == 0, f"rank {r} of {world} failed:\n{out[-4000:]}"
-        assert out.count("ok ") == 16 + 2 * (world == 4), out  # + subgroup cases on 4 ranks
+        assert out.count("ok ") == 18 + 2 * (world == 4), out  # + subgroup cases on 4 ranks
 
 
 def test_ring_with_large_scores(tmp_path: Path) -> None:

@@ -1,9 +1,15 @@
 """``qkv bench``: time and peak memory of ``tiled`` against PyTorch SDPA, FlexAttention and ``reference``.
 
 For dense, causal, causal sliding-window (256) and document (8 documents) masks, forward and
-forward+backward, fp32, ``B=1, D=64``, at sequence lengths 1k to 32k (``H=8`` up to 8k, ``H=1``
-beyond, so that the long rows finish in seconds). Each entry is the median of a few runs after a
-warm-up; ratios are SDPA's time over the method's time *from the same run* (> 1 = faster than SDPA).
+forward+backward, in one dtype (``--dtype``: float32, bfloat16 or float16), ``B=1, D=64``, at sequence
+lengths 1k to 32k (``H=8`` up to 8k, ``H=1`` beyond, so that the long rows finish in seconds). Each
+entry is the median of a few runs after a warm-up; ratios are SDPA's time over the method's time *from
+the same run* (> 1 = faster than SDPA).
+
+The roofline column: each method's achieved GFLOP/s, counting only the work the mask leaves (``4 D``
+flops per live (query, key) pair forward, 3.5 times that forward+backward, as flash-attn counts; work a
+method does on pairs the mask rules out is not counted), and its fraction of this machine's matmul peak
+in the same dtype, measured at the start of the run (:func:`matmul_peak`).
 
 What the peers get: SDPA is ``F.scaled_dot_product_attention`` with ``is_causal=True`` for causal
 and a boolean mask (built before timing) for the others; FlexAttention is ``torch.compile``-d
@@ -39,7 +45,7 @@ from torch import Tensor
 from .. import masks as M
 from ..attention import attention
 
-__all__ = ["Result", "compare", "measure", "peak_memory", "run_bench", "time_median"]
+__all__ = ["Result", "compare", "live_pairs", "matmul_peak", "measure", "peak_memory", "run_bench", "time_median"]
 
 MASKS = ("dense", "causal", "sliding_window(256)", "document(8)")
 METHODS = ("tiled", "sdpa", "flex", "reference")
@@ -49,6 +55,7 @@ QUICK_SIZES = (256, 1024)
 COLORS = {"tiled": "tab:blue", "sdpa": "tab:green", "flex": "tab:orange", "reference": "tab:gray"}
 GFLOPS = 100.0
 """Assumed throughput (GFLOP/s) used to skip measurements that would take too long."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -64,6 +71,7 @@ class Result:
     mb: float | None = None
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    dtype: str = "float32"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,6 +116,44 @@ def peak_memory(fn: Callable[[], Any]) -> float | None:
         return float(_status("VmHWM") - base)
     except OSError:
         return None
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, slow_s: float = 0.05, max_n: int = 2048) -> float:
+    """This machine's matmul rate in ``dtype`` (FLOP/s): the best of 3 square matmuls of ``max_n``, or of
+    the first size (from 256, doubling) whose matmul takes over ``slow_s`` (a dtype with no fast matmul
+    here, such as float16 on a CPU without AVX512-FP16, stops small)."""
+    n = 256
+    while True:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        if n >= max_n or best > slow_s:
+            return 2.0 * n**3 / best
+        n *= 2
+
+
+def live_pairs(kind: str, L: int) -> float:
+    """(query, key) pairs the mask leaves of ``L x L`` (per batch row and head)."""
+    if kind == "dense":
+        return float(L) * L
+    if kind == "causal":
+        return L * (L + 1) / 2
+    n = int(kind[kind.index("(") + 1 : -1])
+    if kind.startswith("sliding"):  # query i sees keys max(0, i - n) .. i
+        full = max(0, L - n)
+        return float(full * (n + 1) + sum(min(i, n) + 1 for i in range(min(L, n))))
+    sizes = torch.bincount(torch.arange(L) * n // L, minlength=n)
+    return float((sizes.double() ** 2).sum())
+
+
+def useful_flops(kind: str, L: int, H: int, mode: str, D: int = 64) -> float:
+    """Floating-point operations of the work the mask leaves: ``4 D`` per live pair forward (``Q Kᵀ``
+    and ``P V``), 3.5 times that forward+backward (flash-attn's count), ``B=1``."""
+    return 4.0 * D * H * live_pairs(kind, L) * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +215,7 @@ def measure(
     reference_bytes: float = 2**31,
     flex_cache: dict[Any, Any] | None = None,
     memory: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> Result:
     """Time (median of ``repeats``) and peak extra memory of one method on one case."""
     return compare(
@@ -182,6 +229,7 @@ def measure(
         reference_bytes=reference_bytes,
         flex_cache=flex_cache,
         memory=memory,
+        dtype=dtype,
     )[0]
 
 
@@ -197,6 +245,8 @@ def compare(
     reference_bytes: float = 2**31,
     flex_cache: dict[Any, Any] | None = None,
     memory: bool = True,
+    dtype: torch.dtype = torch.float32,
+    peak: float | None = None,
 ) -> list[Result]:
     """Time and peak extra memory of several methods on one case, timed in turns (one call of each
     method per round, ``repeats`` rounds, medians), so that a load that changes during the run weighs
@@ -206,15 +256,18 @@ def compare(
         method: ``tiled``, ``sdpa``, ``flex`` or ``reference``.
         kind: a mask of :data:`MASKS`.
         L: sequence length (queries and keys).
-        H: heads (``B=1, D=64``, fp32).
+        H: heads (``B=1, D=64``).
         mode: ``fwd`` or ``fwd+bwd``.
         repeats: timed runs after the warm-up.
         max_call_s: skip when the estimated time of one call exceeds this.
         reference_bytes: skip ``reference`` when its ``L x L`` matrices would exceed this.
         flex_cache: compiled FlexAttention per case (compile time goes in ``extra["compile_s"]``).
         memory: also measure the peak memory (one more call).
+        dtype: of ``q``, ``k``, ``v``.
+        peak: this machine's matmul rate in ``dtype`` (FLOP/s, :func:`matmul_peak`): each result's
+            ``extra`` then holds ``gflops`` (useful work per second) and ``peak`` (its fraction).
     """
-    prepared = [_prepare(m, kind, L, H, mode, max_call_s, reference_bytes, flex_cache) for m in methods]
+    prepared = [_prepare(m, kind, L, H, mode, max_call_s, reference_bytes, flex_cache, dtype) for m in methods]
     live = [(res, once) for res, once in prepared if once is not None]
     times: list[list[float]] = [[] for _ in live]
     for _, once in live:
@@ -224,11 +277,15 @@ def compare(
             t0 = time.perf_counter()
             once()
             times[i].append(time.perf_counter() - t0)
+    work = useful_flops(kind, L, H, mode)
     for (res, once), ts in zip(live, times):
         res.ms = 1000 * statistics.median(ts)
+        res.extra["gflops"] = work / (res.ms / 1000) / 1e9
+        if peak:
+            res.extra["peak"] = res.extra["gflops"] * 1e9 / peak
         if memory:
-            peak = peak_memory(once)
-            res.mb = None if peak is None else peak / 2**20
+            mem = peak_memory(once)
+            res.mb = None if mem is None else mem / 2**20
     return [res for res, _ in prepared]
 
 
@@ -241,8 +298,9 @@ def _prepare(
     max_call_s: float,
     reference_bytes: float,
     flex_cache: dict[Any, Any] | None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Result, Callable[[], None] | None]:
-    res = Result(kind, L, H, mode, method)
+    res = Result(kind, L, H, mode, method, dtype=str(dtype).removeprefix("torch."))
     est = _estimate_s(method, kind, L, H, mode)
     if est > max_call_s:
         res.note = f"skipped: ~{est:.0f} s per call"
@@ -255,7 +313,7 @@ def _prepare(
         return res, None
     g = torch.Generator().manual_seed(L)
     grad = mode == "fwd+bwd"
-    q, k, v = (torch.randn(1, H, L, 64, generator=g).requires_grad_(grad) for _ in range(3))
+    q, k, v = (torch.randn(1, H, L, 64, generator=g).to(dtype).requires_grad_(grad) for _ in range(3))
     mask = make_mask(kind, L)
     call: Callable[[], Tensor]
     if method == "tiled":
@@ -275,7 +333,7 @@ def _prepare(
             return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=kind == "causal")
 
     elif method == "flex":
-        key = (kind, L, H, mode)
+        key = (kind, L, H, mode, dtype)
         cache = flex_cache if flex_cache is not None else {}
         if key not in cache:
             got = _flex_fn(kind, L, H)
@@ -316,23 +374,30 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def table(results: Sequence[Result]) -> str:
-    """A markdown table: one row per case, time / ratio vs SDPA / peak MB per method."""
+    """A markdown table: one row per case, time / ratio vs SDPA / peak MB / achieved GFLOP/s and
+    fraction of the matmul peak per method."""
     cases: dict[tuple[str, int, int, str], dict[str, Result]] = {}
     for r in results:
         cases.setdefault((r.mask, r.L, r.H, r.mode), {})[r.method] = r
     methods = [m for m in METHODS if any(r.method == m for r in results)]
-    head = "| mask | L | H | pass | " + " | ".join(f"{m} ms (x SDPA) | {m} MB" for m in methods) + " |"
-    lines = [head, "|" + "---|" * (4 + 2 * len(methods))]
+    head = (
+        "| mask | L | H | pass | "
+        + " | ".join(f"{m} ms (x SDPA) | {m} MB | {m} GFLOP/s (peak)" for m in methods)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (4 + 3 * len(methods))]
     for (mask, L, H, mode), row in cases.items():
         base = row.get("sdpa")
         cells = []
         for m in methods:
             got = row.get(m)
             if got is None or got.ms is None:
-                cells += [got.note if got is not None and got.note else "-", "-"]
+                cells += [got.note if got is not None and got.note else "-", "-", "-"]
                 continue
             ratio = f" ({base.ms / got.ms:.2f}x)" if base is not None and base.ms else ""
-            cells += [f"{got.ms:.1f}{ratio}", _fmt(got.mb, ".0f")]
+            roof = f"{got.extra['gflops']:.1f}" if "gflops" in got.extra else "-"
+            roof += f" ({got.extra['peak']:.0%})" if "peak" in got.extra else ""
+            cells += [f"{got.ms:.1f}{ratio}", _fmt(got.mb, ".0f"), roof]
         lines.append(f"| {mask} | {L} | {H} | {mode} | " + " | ".join(cells) + " |")
     comp = [r for r in results if "compile_s" in r.extra]
     if comp:
@@ -378,10 +443,22 @@ def plot(results: Sequence[Result], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
     for ax in axes[0]:
         ax.legend(fontsize=7)
-    fig.suptitle("qkv bench: fp32, B=1, D=64; H=8 up to 8k tokens, H=1 beyond (hence the drop at 16k)")
+    dt = results[0].dtype if results else "float32"
+    fig.suptitle(f"qkv bench: {dt}, B=1, D=64; H=8 up to 8k tokens, H=1 beyond (hence the drop at 16k)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return "unknown CPU"
 
 
 def run_bench(
@@ -392,6 +469,7 @@ def run_bench(
     masks: Sequence[str] = MASKS,
     flex_sizes: Sequence[int] | None = None,
     repeats: int | None = None,
+    dtype: str = "float32",
 ) -> int:
     """Run the benchmark, print and save ``bench.md``, ``bench.json`` and ``bench.png`` under ``out``.
 
@@ -403,12 +481,17 @@ def run_bench(
         flex_sizes: lengths at which FlexAttention is compiled and timed (default: 8192 for the
             causal, sliding-window and document masks, forward only; none with ``quick``).
         repeats: timed runs per entry (default 3, or 2 with ``quick``).
+        dtype: ``float32``, ``bfloat16`` or ``float16``; the matmul peak is measured in it first.
 
     Returns:
         0 on success (the process exit code).
     """
     from tqdm import tqdm
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dt = DTYPES[dtype]
+    peak = matmul_peak(dt)
     sizes = tuple(sizes) if sizes is not None else (QUICK_SIZES if quick else FULL_SIZES)
     flex_at = set(flex_sizes) if flex_sizes is not None else (set() if quick else {8192})
     reps = repeats if repeats is not None else (2 if quick else 3)
@@ -424,13 +507,19 @@ def run_bench(
     flex_cache: dict[Any, Any] = {}
     torch.manual_seed(0)
     for kind, L, H, mode, methods in tqdm(jobs, desc="qkv bench", unit="case"):
-        results += compare(methods, kind, L, H, mode, repeats=reps, max_call_s=max_call, flex_cache=flex_cache)
+        got = compare(
+            methods, kind, L, H, mode, repeats=reps, max_call_s=max_call, flex_cache=flex_cache, dtype=dt, peak=peak
+        )
+        results += got
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     text = (
-        f"# qkv bench\n\ntorch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs; fp32, B=1, D=64;"
-        f" median of {reps}; ratio = SDPA time / method time in the same run.\n\n" + table(results) + "\n"
+        f"# qkv bench\n\ntorch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs ({_cpu_name()});"
+        f" {dtype}, B=1, D=64; median of {reps}; ratio = SDPA time / method time in the same run.\n\n"
+        f"Matmul peak in {dtype}, measured at the start of this run: {peak / 1e9:.1f} GFLOP/s. GFLOP/s counts only"
+        " the work the mask leaves (4 D flops per live pair forward, 3.5x that forward+backward); (peak) is"
+        " its fraction of the matmul peak.\n\n" + table(results) + "\n"
     )
     (folder / "bench.md").write_text(text)
     (folder / "bench.json").write_text(json.dumps([asdict(r) for r in results], indent=1))

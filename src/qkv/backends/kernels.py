@@ -15,6 +15,14 @@ Two engines compute a span:
 * **eager** (any device, score mods): the same formulas written with matmuls, differentiable by
   autograd; ``mod`` changes the scores of the span before the softmax.
 
+Half precision: the fused kernel takes bfloat16/float16 as they are (its matmuls accumulate in float32,
+``P`` is rounded to the low dtype before ``P V``, the logsumexp comes back in float32) unless it runs
+clearly slower in that dtype than in float32 on this machine (:func:`half_speed`, measured once); there,
+and on the eager engine, spans are computed in float32. Logsumexps and merges are float32. Its
+backward accumulates ``dK``/``dV`` in the low dtype, once per block of 64 or 256 query rows and per
+query head of a group; :func:`span_backward` bounds that to :data:`BWD_ROWS` rows and one head per call
+and adds the calls' results in float32 (see its docstring).
+
 The compute dtype rule (:func:`compute_dtype`) and the one safe softmax (:func:`safe_softmax`) live here,
 and the attention-sink correction (:func:`sink_forward`, :func:`sink_backward`): a learned logit per head
 that joins the softmax denominator, applied to a finished ``(out, lse)`` with no extra key materialised.
@@ -22,6 +30,7 @@ that joins the softmax denominator, applied to a finished ``(out, lse)`` with no
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,11 +41,14 @@ from torch import Tensor
 __all__ = [
     "FLASH",
     "FLASH_BWD",
+    "CAST_S",
     "FUSED_CALL_S",
     "FUSED_CAUSAL_SHARE",
     "FUSED_FLOPS",
+    "HALF",
     "compute_dtype",
     "fused_ok",
+    "half_speed",
     "merge",
     "merge_into",
     "safe_softmax",
@@ -68,11 +80,74 @@ FUSED_CAUSAL_SHARE = 0.55
 """The share of a dense call's time that a square ``is_causal`` call takes (it skips in 64-row steps)."""
 FUSED_CALL_S = 20e-6
 """Fixed seconds per call (dispatch, slicing, allocation)."""
+CAST_S = 1e-9
+"""Seconds per element cast between half precision and float32."""
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype spans are computed in: float64 stays float64, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+HALF = (torch.float16, torch.bfloat16)
+"""The half-precision dtypes."""
+
+BWD_ROWS = 1024
+"""Query rows per call of the fused backward in half precision (see :func:`span_backward`)."""
+BAND_BWD_BYTES = 16 << 20
+"""Bytes of the kernel's per-tile ``dK`` of one call of :func:`band_backward` (its tiles are grouped)."""
+
+HALF_MIN_SPEED = 0.75
+"""Half-precision inputs go to the fused kernel as they are unless it runs slower than this fraction of
+its float32 speed (then spans are computed in float32): clearly slower, not within the noise of a
+machine where the two run alike."""
+
+_HALF_SPEED: dict[tuple[torch.dtype, bool], float] = {}
+
+
+def _measure_half_speed(dtype: torch.dtype) -> tuple[float, float]:
+    """``(forward, backward)`` speed of the fused kernel in ``dtype`` relative to float32: the float32
+    time over the ``dtype`` time, best of 5 interleaved runs on ``(1, 2, 512, 64)`` (tens of ms)."""
+    assert FLASH is not None and FLASH_BWD is not None
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(1, 2, 512, 64, generator=g) for _ in range(4)]
+    best = {(dt, bwd): float("inf") for dt in (torch.float32, dtype) for bwd in (False, True)}
+    for _ in range(5):
+        for dt in (torch.float32, dtype):
+            q, k, v, do = (t.to(dt) for t in base)
+            t0 = time.perf_counter()
+            out, lse = FLASH(q, k, v, 0.0, False, scale=0.125)
+            t1 = time.perf_counter()
+            FLASH_BWD(do, q, k, v, out, lse, 0.0, False, scale=0.125)
+            t2 = time.perf_counter()
+            best[dt, False] = min(best[dt, False], t1 - t0)
+            best[dt, True] = min(best[dt, True], t2 - t1)
+    return tuple(best[torch.float32, b] / max(best[dtype, b], 1e-9) for b in (False, True))  # type: ignore[return-value]
+
+
+def half_speed(dtype: torch.dtype, backward: bool = False) -> float:
+    """How many times faster the fused CPU kernel runs in ``dtype`` (float16 or bfloat16) than in
+    float32 on this machine, forward or ``backward``: measured the first time it is asked (tens of ms),
+    then cached for the process. Machines differ: an Intel Xeon with AMX runs bf16 matmuls ~3.7x faster
+    than fp32; an AMD EPYC without AMX gains little, and its float16 backward is several times slower."""
+    if FLASH is None or FLASH_BWD is None or dtype not in HALF:
+        return 1.0
+    if (dtype, backward) not in _HALF_SPEED:
+        fwd, bwd = _measure_half_speed(dtype)
+        _HALF_SPEED[dtype, False], _HALF_SPEED[dtype, True] = fwd, bwd
+    return _HALF_SPEED[dtype, backward]
+
+
+def compute_dtype(dtype: torch.dtype, fused: bool = False, backward: bool = False) -> torch.dtype:
+    """The dtype spans are computed in: float64 stays float64; float16/bfloat16 stay as they are on the
+    ``fused`` CPU kernel unless it runs clearly slower in them than in float32 on this machine
+    (:func:`half_speed` below :data:`HALF_MIN_SPEED`, for the forward, and for the ``backward`` too
+    when asked about it); everything else is float32."""
+    if dtype == torch.float64:
+        return torch.float64
+    if (
+        fused
+        and dtype in HALF
+        and half_speed(dtype) >= HALF_MIN_SPEED
+        and (not backward or half_speed(dtype, True) >= HALF_MIN_SPEED)
+    ):
+        return dtype
+    return torch.float32
 
 
 def fused_ok(t: Tensor) -> bool:
@@ -81,7 +156,7 @@ def fused_ok(t: Tensor) -> bool:
         FLASH is not None
         and FLASH_BWD is not None
         and t.device.type == "cpu"
-        and t.dtype in (torch.float32, torch.float64)
+        and t.dtype in (torch.float32, torch.float64, *HALF)
     )
 
 
@@ -199,8 +274,9 @@ def span_forward(
         mod: changes the span's scores ``(B, H, m, n)`` before the softmax (forces the eager engine).
 
     Returns:
-        ``out (B, H, m, Dv)`` and ``lse (B, H, m)`` in the compute dtype of the inputs (call with
-        :func:`compute_dtype` tensors); rows that see nothing get zeros and ``lse = -inf``. The fused
+        ``out (B, H, m, Dv)`` in the dtype of the inputs (call with :func:`compute_dtype` tensors) and
+        ``lse (B, H, m)`` in that dtype, or float32 for float16/bfloat16 inputs; rows that see nothing
+        get zeros and ``lse = -inf``. The fused
         engine runs without autograd (wrap it in an ``autograd.Function`` with :func:`span_backward`);
         the eager engine is differentiable.
     """
@@ -212,7 +288,7 @@ def span_forward(
         out, lse = FLASH(qp, kp, vp, 0.0, causal, attn_mask=add, scale=scale)
         if mask is not None:
             lse = lse.masked_fill(~mask.any(dim=-1), float("-inf"))
-        return out[..., :Dv], lse.to(q.dtype)
+        return out[..., :Dv], lse
     s = scores(q, k, scale)
     if mod is not None:
         s = mod(s)
@@ -246,22 +322,22 @@ def span_backward(
 
     The FlashAttention-2 backward: ``P = exp(S - lse)``, ``dV = Pᵀ dO``, ``dS = P (dO Vᵀ - rowsum(dO O))``.
     Summing the results of every span a query visits gives the exact gradient. ``dk``, ``dv`` are
-    ``(B, Hkv, n, ·)``: grouped-query heads are reduced. Rows with ``lse = -inf`` get zero gradient."""
+    ``(B, Hkv, n, ·)``: grouped-query heads are reduced. Rows with ``lse = -inf`` get zero gradient.
+
+    float16/bfloat16 inputs (fused kernel): PyTorch's CPU kernel adds each block of 32, 64 or (from
+    768 rows on) 256 query rows of every query head into ``dK``/``dV`` in the low dtype, rounding each
+    time: ``G · m / 256`` roundings with ``G`` query heads per key head (``G · m / 64`` below 768 rows),
+    which breaks the half-precision tolerance rule (2x the error of the formula computed in bf16) with
+    grouped heads at any length and without them from a few thousand rows on. Here each call sees at
+    most :data:`BWD_ROWS` rows (4 roundings) and one query head per key head (K/V repeated over the
+    group), and the calls' results are added, and the group reduced, in float32: gradients in float32
+    where more than one call or head was summed, else as the kernel gives them (callers accumulate in
+    float32)."""
     lse = _finite_or_zero(lse)
     if fused_ok(q):
-        assert FLASH_BWD is not None
-        D, Dv = q.shape[-1], v.shape[-1]
-        qp, kp, vp = _pad_dv(q, k, v)
-        if D < Dv or Dv < D:
-            width = qp.shape[-1]
-            dop, op = F.pad(dout, (0, width - Dv)), F.pad(out, (0, width - Dv))
-        else:
-            dop, op = dout, out
-        add = None if mask is None else _additive(mask, q.dtype)
-        dq, dk, dv = FLASH_BWD(
-            dop.contiguous(), qp, kp, vp, op.contiguous(), lse.contiguous(), 0.0, causal, attn_mask=add, scale=scale
-        )
-        return dq[..., :D], dk[..., :D], dv[..., :Dv]
+        if q.dtype in HALF:
+            return _half_backward(dout, q, k, v, out, lse, scale, mask, causal)
+        return _fused_backward(dout, q, k, v, out, lse, scale, mask, causal)
     B, H, m, _ = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -282,6 +358,254 @@ def span_backward(
     return dq, dk, dv
 
 
+def _fused_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One call of the fused backward (gradients in the inputs' dtype)."""
+    assert FLASH_BWD is not None
+    D, Dv = q.shape[-1], v.shape[-1]
+    qp, kp, vp = _pad_dv(q, k, v)
+    if D < Dv or Dv < D:
+        width = qp.shape[-1]
+        dop, op = F.pad(dout, (0, width - Dv)), F.pad(out, (0, width - Dv))
+    else:
+        dop, op = dout, out
+    add = None if mask is None else _additive(mask, q.dtype)
+    # slices of longer rows are fine as they are: the kernel reads by strides (and copies dout itself)
+    dq, dk, dv = FLASH_BWD(dop, qp, kp, vp, op, lse, 0.0, causal, attn_mask=add, scale=scale)
+    return dq[..., :D], dk[..., :D], dv[..., :Dv]
+
+
+def _half_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`span_backward` in float16/bfloat16 on the fused kernel (see there)."""
+    B, H, m, _ = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+    # rows [a, b) see all keys; under the top-left causal flag, keys [0, a) whole and [a, b) as a triangle
+    calls: list[tuple[int, int, int, int, bool]] = []
+    for a in range(0, m, BWD_ROWS):
+        b = min(a + BWD_ROWS, m)
+        parts = [(0, min(a, n), False), (a, min(b, n), True)] if causal else [(0, n, False)]
+        calls += [(a, b, k0, k1, tri) for k0, k1, tri in parts if k1 > k0]
+
+    def call(a: int, b: int, k0: int, k1: int, tri: bool) -> tuple[Tensor, Tensor, Tensor]:
+        mk = None
+        if mask is not None:
+            mk = mask if mask.shape[-2] == 1 else mask[..., a:b, :]
+            mk = mk if mk.shape[-1] == 1 else mk[..., k0:k1]
+        rows = slice(a, b)
+        return _fused_backward(
+            dout[:, :, rows],
+            q[:, :, rows],
+            k[:, :, k0:k1],
+            v[:, :, k0:k1],
+            out[:, :, rows],
+            lse[:, :, rows],
+            scale,
+            mk,
+            tri,
+        )
+
+    f32 = torch.float32
+    if len(calls) == 1 and calls[0][2:4] == (0, n):
+        dq, dk, dv = call(*calls[0])
+    elif not calls:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    else:
+        dk = torch.zeros(k.shape, dtype=f32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=f32, device=q.device)
+        dqs: dict[int, Tensor] = {}
+        for a, b, k0, k1, tri in calls:
+            gq, gk, gv = call(a, b, k0, k1, tri)
+            dqs[a] = gq.float() if a not in dqs else dqs[a] + gq
+            dk[:, :, k0:k1] += gk
+            dv[:, :, k0:k1] += gv
+        row_starts = range(0, m, BWD_ROWS)
+        dq = torch.cat(
+            [dqs[a] if a in dqs else q.new_zeros(B, H, min(BWD_ROWS, m - a), q.shape[-1]) for a in row_starts], 2
+        )
+    if G > 1:
+        dk = dk.view(B, Hkv, G, n, -1).sum(2, dtype=f32)
+        dv = dv.view(B, Hkv, G, n, -1).sum(2, dtype=f32)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# a band of a causal sliding window in one call
+
+
+def _band_mask(rows: int, span: int, lo: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive ``(rows, span)``: 0 where ``r + lo <= c <= r + span - rows``, else ``-inf``."""
+    r = torch.arange(rows, device=device).view(-1, 1)
+    c = torch.arange(span, device=device).view(1, -1)
+    ok = (c >= r + lo) & (c <= r + span - rows)
+    return torch.zeros(rows, span, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+
+
+def _band_views(x: Tensor, start: int, tiles: int, rows: int, length: int) -> Tensor:
+    """``x (B, h, L, d)`` (contiguous) as ``(tiles, B*h, length, d)``: entry ``i`` is rows
+    ``[start + i*rows, start + i*rows + length)`` of every head (overlapping when ``length > rows``)."""
+    B, h, L, d = x.shape
+    return x.as_strided((tiles, B * h, length, d), (rows * d, L * d, d, 1), x.storage_offset() + start * d)
+
+
+def _band_lse(lse: Tensor, start: int, tiles: int, rows: int) -> Tensor:
+    B, H, L = lse.shape
+    return lse.as_strided((tiles, B * H, rows), (rows, L, 1), lse.storage_offset() + start)
+
+
+def _unband(x: Tensor, B: int, H: int) -> Tensor:
+    """``(tiles, B*H, rows, ...)`` back to ``(B, H, tiles*rows, ...)``."""
+    n, _, rows = x.shape[:3]
+    x = x.reshape(n, B, H, rows, *x.shape[3:]).movedim(0, 2)
+    return x.reshape(B, H, n * rows, *x.shape[4:])
+
+
+def band_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    q0: int,
+    q1: int,
+    rows: int,
+    window: int,
+    reach: int,
+    offset: int,
+    into: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Queries ``[q0, q1)`` of ``q (B, H, Lq, D)`` under a causal sliding ``window`` (query at position
+    ``p = i + offset`` sees keys ``p - window <= j <= p``) in one call of the fused CPU kernel: the rows in
+    tiles of ``rows`` as batch entries, each over the ``reach + rows`` keys ending at its last position
+    (``reach >= window``, a multiple of ``rows``; ``q0 + offset >= reach``), with one shared additive mask.
+    See :class:`~qkv.backends.plan.Band`.
+
+    Returns:
+        ``out (B, H, q1 - q0, Dv)`` in the inputs' dtype and ``lse (B, H, q1 - q0)`` (float32 for half
+        precision), written into rows ``[q0, q1)`` of ``into = (out, lse)`` (whole-length, contiguous)
+        when given (and then views of them returned)."""
+    assert FLASH is not None
+    B, H = q.shape[:2]
+    Dv = v.shape[-1]
+    n, span = (q1 - q0) // rows, reach + rows
+    qp, kp, vp = (t.contiguous() for t in _pad_dv(q, k, v))
+    qb = _band_views(qp, q0, n, rows, rows)
+    kb, vb = (_band_views(t, q0 + offset - reach, n, rows, span) for t in (kp, vp))
+    add = _band_mask(rows, span, reach - window, q.dtype, q.device)
+    out, lse = FLASH(qb, kb, vb, 0.0, False, attn_mask=add, scale=scale)
+    if into is None:
+        return _unband(out, B, H)[..., :Dv], _unband(lse, B, H)
+    o_all, l_all = into
+    o_dst, l_dst = o_all[:, :, q0:q1], l_all[:, :, q0:q1]
+    o_dst.view(B, H, n, rows, Dv).copy_(out[..., :Dv].reshape(n, B, H, rows, Dv).movedim(0, 2))
+    l_dst.view(B, H, n, rows).copy_(lse.reshape(n, B, H, rows).movedim(0, 2))
+    return o_dst, l_dst
+
+
+def band_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    q0: int,
+    q1: int,
+    rows: int,
+    window: int,
+    reach: int,
+    offset: int,
+    grads: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """Gradients of :func:`band_forward`'s queries, given the whole ``dout``, ``out (B, H, Lq, Dv)`` and
+    ``lse (B, H, Lq)`` (final: these rows see no other keys), added into ``grads = (dq, dk, dv)``, shaped
+    like ``q``, ``k``, ``v`` and in float32 for half precision (else in their dtype).
+
+    The kernel's ``dK``/``dV`` hold every tile's whole span (``span / rows`` times the size of K), so the
+    tiles go in groups of at most :data:`BAND_BWD_BYTES` of them per call; each key's shares from the
+    tiles whose spans overlap it are added in float32 (grouped heads: K/V repeated per query head and
+    the group reduced in float32, as :func:`span_backward` does)."""
+    assert FLASH_BWD is not None
+    B, H = q.shape[:2]
+    Hkv = k.shape[1]
+    G = H // Hkv
+    D, Dv = q.shape[-1], v.shape[-1]
+    n, span = (q1 - q0) // rows, reach + rows
+    half = q.dtype in HALF
+    if half and G > 1:  # one head per key head, so the kernel adds no group into a low-precision row
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    qp, kp, vp = (t.contiguous() for t in _pad_dv(q, k, v))
+    width = qp.shape[-1]
+    dop, op = (F.pad(t, (0, width - Dv)) if width != Dv else t for t in (dout, out))
+    dop, op, lse = dop.contiguous(), op.contiguous(), _finite_or_zero(lse).contiguous()
+    k0 = q0 + offset - reach
+    add = _band_mask(rows, span, reach - window, q.dtype, q.device)
+    hk = kp.shape[1]
+    m = reach // rows
+    keys = slice(k0, k0 + (n + m) * rows)
+    dq_acc, dk_acc, dv_acc = grads
+    # fold targets (B * hk, n + m, rows, width): views of dk, dv where their layout allows, else buffers
+    inplace = [hk == Hkv and width == d and dst.is_contiguous() for dst, d in ((dk_acc, D), (dv_acc, Dv))]
+    accs = [
+        dst[:, :, keys].view(B * hk, n + m, rows, width)
+        if ok
+        else torch.zeros(B * hk, n + m, rows, width, dtype=dst.dtype, device=q.device)
+        for dst, ok in zip((dk_acc, dv_acc), inplace)
+    ]
+    group = max(1, BAND_BWD_BYTES // (B * hk * span * width * q.element_size()))
+    for i0 in range(0, n, group):
+        g = min(group, n - i0)
+        a = q0 + i0 * rows
+        dqb, dkb, dvb = FLASH_BWD(
+            _band_views(dop, a, g, rows, rows),
+            _band_views(qp, a, g, rows, rows),
+            _band_views(kp, k0 + i0 * rows, g, rows, span),
+            _band_views(vp, k0 + i0 * rows, g, rows, span),
+            _band_views(op, a, g, rows, rows),
+            _band_lse(lse, a, g, rows),
+            0.0,
+            False,
+            attn_mask=add,
+            scale=scale,
+        )
+        dq_acc[:, :, a : a + g * rows] += _unband(dqb, B, H)[..., :D]
+        for acc, gk in zip(accs, (dkb, dvb)):  # tile i's key block c is block i + c of the run from k0
+            gk = gk.reshape(g, B * hk, m + 1, rows, width)
+            for c in range(m + 1):
+                acc[:, i0 + c : i0 + c + g] += gk[:, :, c].transpose(0, 1)
+    for dst, acc, d, ok in zip((dk_acc, dv_acc), accs, (D, Dv), inplace):
+        if ok:
+            continue
+        acc = acc.view(B, hk, (n + m) * rows, width)
+        if hk != Hkv:
+            acc = acc.view(B, Hkv, G, (n + m) * rows, width).sum(2)
+        dst[:, :, keys] += acc[..., :d]
+
+
 # ------------------------------------------------------------------------------------------------
 # attention sinks: one logit per query head in the softmax denominator (gpt-oss)
 
@@ -295,10 +619,11 @@ def sink_forward(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tenso
     Args:
         out: ``(B, H, L, Dv)`` attention output over all the keys (rows that saw no key: zeros).
         lse: ``(B, H, L)`` its row logsumexp (``-inf`` for rows that saw no key).
-        sinks: ``(H,)`` one logit per query head, in the dtype of ``out`` (``-inf``: no sink).
+        sinks: ``(H,)`` one logit per query head, in the dtype of ``lse`` (``-inf``: no sink).
 
     Returns:
-        ``(out', lse')``. A row that saw no key gets ``out' = 0`` and ``lse' = s_h`` (its whole weight
+        ``(out', lse')``, ``out'`` in the dtype of ``out`` (for float16/bfloat16 the correction is computed
+        in the float32 of ``lse`` and rounded once), ``lse'`` in that of ``lse``. A row that saw no key gets ``out' = 0`` and ``lse' = s_h`` (its whole weight
         is on the sink); with ``s_h = -inf`` as well, ``lse' = -inf``. Differentiable in ``out``,
         ``lse`` and ``sinks`` (the eager engine uses autograd); the fused engine calls it without
         autograd and takes its gradients from :func:`span_backward` and :func:`sink_backward`.
@@ -315,7 +640,7 @@ def sink_forward(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tenso
     dead = tot == 0
     safe = torch.where(dead, torch.ones_like(tot), tot)
     new_lse = torch.where(dead, torch.full_like(tot, float("-inf")), m + torch.log(safe))
-    return out * (e_out / safe).unsqueeze(-1), new_lse
+    return (out * (e_out / safe).unsqueeze(-1)).to(out.dtype), new_lse
 
 
 def sink_backward(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
@@ -325,8 +650,9 @@ def sink_backward(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tens
     The sink is one more column of the softmax with a zero value, so ``dP_sink = 0`` and
     ``dS_sink = P_sink (0 - rowsum(dO * O))``: ``ds_h = -sum over batch and rows of
     exp(s_h - lse') * rowsum(dO' * O')``. The keys' gradients are :func:`span_backward`'s, given the
-    same final ``out`` and ``lse``."""
+    same final ``out`` and ``lse``. ``rowsum(dO' * O')`` is taken in the dtype of ``lse`` (float32 for
+    float16/bfloat16 ``out``, as flash-attn's backward does); the gradient comes in that of ``sinks``."""
     s = sinks.view(1, -1, 1)
     p = torch.where(torch.isfinite(lse), torch.exp(s - _finite_or_zero(lse)), torch.zeros_like(lse))
-    delta = (dout * out).sum(-1)
+    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
     return -(p * delta).sum(dim=(0, 2))

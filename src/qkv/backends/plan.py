@@ -24,12 +24,15 @@ from torch import Tensor
 
 from ..masks import EMPTY, FULL, PARTIAL, Mask, Shape
 
-__all__ = ["PLANS", "PlanCache", "Segment", "Tile", "TilePlan", "block_codes", "plan_tiles", "tile_plan"]
+__all__ = ["PLANS", "Band", "PlanCache", "Segment", "Tile", "TilePlan", "block_codes", "plan_tiles", "tile_plan"]
 
 T = TypeVar("T")
 
 MERGE_FULL = 4
 """A run of at most this many full key blocks next to partial ones is computed with them in one call."""
+
+BAND_ROWS = 64
+"""Query rows per batch entry of a :class:`Band`, at least (0: no bands)."""
 
 
 class PlanCache:
@@ -104,6 +107,37 @@ class Tile:
 
 
 @dataclass(frozen=True)
+class Band:
+    """Query rows ``[q0, q1)`` of a causal sliding window computed as ONE call of a fused kernel.
+
+    The rows are cut into ``(q1 - q0) / rows`` tiles of ``rows`` queries; each tile is one batch entry
+    of the call and sees the ``span = reach + rows`` keys that end at its own last position (strided,
+    overlapping views of K and V: no copy), under one additive mask ``(rows, span)`` that every tile
+    shares: row ``r`` may see key ``c`` of its span iff ``r + reach - window <= c <= r + reach``.
+    ``reach`` is the window rounded up to a multiple of ``rows`` (so that the keys of the tiles fall
+    on a grid of ``rows``); the tile of queries starting at ``p`` spans keys ``[p + offset - reach,
+    p + offset + rows)``. Against triangles computed with a causal flag, it computes ``span`` keys per
+    row instead of ``window + block_q`` (PyTorch's CPU kernel skips causal work only in blocks of
+    hundreds of keys), with no flipped copies and no merges, in one call instead of two per tile."""
+
+    q0: int
+    q1: int
+    rows: int
+    window: int
+    reach: int
+
+    @property
+    def span(self) -> int:
+        """Keys each tile sees."""
+        return self.reach + self.rows
+
+    @property
+    def tiles(self) -> int:
+        """Batch entries of the call."""
+        return (self.q1 - self.q0) // self.rows
+
+
+@dataclass(frozen=True)
 class TilePlan:
     """The work of one (mask, shape, block sizes): see the module docstring.
 
@@ -117,6 +151,12 @@ class TilePlan:
     codes: Tensor
     tiles: tuple[Tile, ...]
     single: str
+    band: Band | None = None
+    """Query rows a fused kernel may compute as one batched band (their tiles are then skipped)."""
+
+    def in_band(self, t: Tile) -> bool:
+        """Whether tile ``t`` lies in :attr:`band`."""
+        return self.band is not None and self.band.q0 <= t.q0 and t.q1 <= self.band.q1
 
     @property
     def blocks(self) -> int:
@@ -147,6 +187,53 @@ class TilePlan:
     def calls(self) -> int:
         """Kernel calls (one per segment)."""
         return 1 if self.single else sum(len(t.segments) for t in self.tiles)
+
+    @property
+    def fused_pairs(self) -> float:
+        """:attr:`pairs` where a fused kernel computes the band in one call (the band's whole spans)."""
+        b = self.band
+        if b is None:
+            return self.pairs
+        out = sum(
+            (t.q1 - t.q0) * (s.k1 - s.k0) * (0.5 if s.tri else 1.0)
+            for t in self.tiles
+            if not self.in_band(t)
+            for s in t.segments
+        )
+        return out + (b.q1 - b.q0) * b.span
+
+    @property
+    def fused_partial_pairs(self) -> float:
+        """:attr:`partial_pairs` outside the band (where a fused kernel computes the band in one call)."""
+        return float(
+            sum(
+                (t.q1 - t.q0) * (s.k1 - s.k0)
+                for t in self.tiles
+                if not self.in_band(t)
+                for s in t.segments
+                if s.partial
+            )
+        )
+
+    @property
+    def band_pairs(self) -> float:
+        """(query, key) pairs the band's one call computes, all under its shared mask (0 without a band)."""
+        b = self.band
+        return 0.0 if b is None or self.single else float((b.q1 - b.q0) * b.span)
+
+    @property
+    def merged_rows(self) -> float:
+        """Query rows merged by logsumexp outside the band, once per segment after the first."""
+        return float(
+            sum((t.q1 - t.q0) * (len(t.segments) - 1) for t in self.tiles if not self.in_band(t) and t.segments)
+        )
+
+    @property
+    def fused_calls(self) -> int:
+        """:attr:`calls` where a fused kernel computes the band in one call."""
+        if self.band is None or self.single:
+            return self.calls
+        return 1 + sum(len(t.segments) for t in self.tiles if not self.in_band(t))
 
 
 def block_codes(mask: Mask, shape: Shape, block_q: int, block_k: int) -> Tensor:
@@ -262,6 +349,25 @@ def plan_tiles(mask: Mask | None, shape: Shape, block_q: int, block_k: int, code
     return tiles
 
 
+def _band(reach: int | None, shape: Shape, block_q: int) -> Band | None:
+    """The :class:`Band` of a causal window ``reach`` keys wide: the whole query tiles from the first whose
+    span starts at key 0 or later to the last full one (None when fewer than two tiles qualify). Its
+    rows: :data:`BAND_ROWS` doubled while at most a quarter of the window and a divisor of ``block_q``
+    (each tile then computes at most 1.25x the keys it needs, and its span is at most 5x its rows, for
+    windows of 4 rows or more)."""
+    rows = BAND_ROWS
+    if reach is None or reach >= 1 << 62 or rows < 1 or block_q % rows:
+        return None
+    while 2 * rows <= reach // 4 and block_q % (2 * rows) == 0:
+        rows *= 2
+    wide = -(-reach // rows) * rows
+    q0 = max(0, -(-(wide - shape.offset) // block_q) * block_q)
+    q1 = shape.Lq // block_q * block_q
+    if q1 - q0 < 2 * block_q:
+        return None
+    return Band(q0, q1, rows, reach, wide)
+
+
 def _build(mask: Mask | None, shape: Shape, block_q: int, block_k: int) -> TilePlan:
     nq, nk = -(-shape.Lq // block_q), -(-shape.Lk // block_k)
     if mask is None:
@@ -274,9 +380,11 @@ def _build(mask: Mask | None, shape: Shape, block_q: int, block_k: int) -> TileP
         single = "causal"
     elif codes.numel() and bool((codes == FULL).all()):
         single = "full"
-    return TilePlan(shape, block_q, block_k, codes, tiles, single)
+    band = None if single else _band(_causal_reach(mask), shape, block_q)
+    return TilePlan(shape, block_q, block_k, codes, tiles, single, band)
 
 
 def tile_plan(mask: Mask | None, shape: Shape, block_q: int, block_k: int) -> TilePlan:
     """The :class:`TilePlan` of ``mask`` on ``shape`` with these block sizes, from :data:`PLANS`."""
-    return PLANS.get(mask, ("tiles", shape, block_q, block_k), lambda: _build(mask, shape, block_q, block_k))
+    key = ("tiles", shape, block_q, block_k, BAND_ROWS)
+    return PLANS.get(mask, key, lambda: _build(mask, shape, block_q, block_k))

@@ -25,10 +25,15 @@ Two engines compute a segment:
   (``torch.utils.checkpoint``), so memory stays ``O(block_q · Lk)`` and gradients reach tensors a
   score mod holds (a learned relative bias).
 
-Grouped-query attention never repeats K/V (the fused kernel takes ``Hkv < H``; the eager engine views
-``q`` as ``(B, Hkv, G, L, D)``). ``Dv != D`` is served by zero-padding the shorter head dim (which
-changes neither scores nor outputs). float16/bfloat16 inputs are computed in float32; float32 and
-float64 in their own dtype.
+Grouped-query attention never repeats K/V in the forward (the fused kernel takes ``Hkv < H``; the eager
+engine views ``q`` as ``(B, Hkv, G, L, D)``); the half-precision backward repeats them per call to
+reduce the group in float32 (:func:`~qkv.backends.kernels.span_backward`). ``Dv != D`` is served by
+zero-padding the shorter head dim (which changes neither scores nor outputs). float32 and float64 are
+computed in their own dtype. float16/bfloat16 go to the fused kernel as they are (it accumulates in
+float32 and rounds ``P`` to the low dtype, as flash-attn does) unless it runs clearly slower in them
+than in float32 on this machine (:func:`~qkv.backends.kernels.half_speed`); logsumexps, merges
+and the sums of gradients are float32, outputs in the inputs' dtype. The eager engine, and the fused
+one where half precision is slower, compute in float32.
 
 Options (keyword arguments of :func:`qkv.attention` with ``backend="tiled"`` or ``"auto"``):
 
@@ -42,7 +47,8 @@ Attention sinks (``sinks=``, one logit per query head in the softmax denominator
 the finished ``(out, lse)`` is corrected, ``lse' = logaddexp(lse, s_h)`` and ``out' = out * exp(lse -
 lse')`` (:func:`~qkv.backends.kernels.sink_forward`); the backward runs the same per-segment
 FlashAttention-2 backward given the final ``out'`` and ``lse'``, which is exact for ``q``, ``k`` and
-``v``, and :func:`~qkv.backends.kernels.sink_backward` gives the sinks' gradient.
+``v``, and :func:`~qkv.backends.kernels.sink_backward` gives the sinks' gradient. In float16/bfloat16
+the sinks, the correction and the sinks' gradient are float32 and ``out'`` is rounded once to the input dtype.
 
 With ``return_weights=True`` the weights ``(B, len(heads), len(rows), Lk)`` are recomputed tile by
 tile from the saved logsumexp (:mod:`qkv.backends.weights`, shared with ``flex``), so the weights of 2 heads of a 32k sequence cost ``2 · 32k · 32k``
@@ -62,12 +68,17 @@ from ..masks import Mask, Shape
 from ..scores import ScoreMod
 from .base import Backend, Request
 from .kernels import (
+    CAST_S,
     FLASH,
     FLASH_BWD,
     FUSED_CALL_S,
     FUSED_CAUSAL_SHARE,
     FUSED_FLOPS,
+    HALF,
+    band_backward,
+    band_forward,
     compute_dtype,
+    half_speed,
     merge,
     sink_backward,
     sink_forward,
@@ -113,19 +124,30 @@ def _fused_segment(
 def _fused_forward(
     q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Mask | None, plan: TilePlan
 ) -> tuple[Tensor, Tensor]:
+    """Output (in the dtype of ``q``) and logsumexp (float32 for half precision) over the plan's segments,
+    merged in float32 (or float64)."""
     if plan.single:
         return span_forward(q, k, v, scale, causal=plan.single == "causal")
     B, H, Lq = q.shape[:3]
-    out = q.new_zeros(B, H, Lq, v.shape[-1])
-    lse = q.new_full((B, H, Lq), float("-inf"))
+    acc_dt = torch.float32 if q.dtype in HALF else q.dtype
+    out = q.new_empty(B, H, Lq, v.shape[-1])
+    lse = q.new_empty((B, H, Lq), dtype=acc_dt)
+    b = plan.band
+    if b is not None:
+        band_forward(q, k, v, scale, b.q0, b.q1, b.rows, b.window, b.reach, plan.shape.offset, into=(out, lse))
     for t in plan.tiles:
+        if plan.in_band(t):
+            continue
         qt = q[:, :, t.q0 : t.q1]
         acc: tuple[Tensor, Tensor] | None = None
         for seg in t.segments:
             ks, vs = k[:, :, seg.k0 : seg.k1], v[:, :, seg.k0 : seg.k1]
             part = _fused_segment(qt, ks, vs, scale, mask, plan.shape, t, seg)
-            acc = part if acc is None else merge(acc[0], acc[1], part[0], part[1])
-        if acc is not None:
+            acc = part if acc is None else merge(acc[0].to(acc_dt), acc[1], part[0].to(acc_dt), part[1])
+        if acc is None:  # every row of the tile sees nothing
+            out[:, :, t.q0 : t.q1] = 0.0
+            lse[:, :, t.q0 : t.q1] = float("-inf")
+        else:
             out[:, :, t.q0 : t.q1] = acc[0]
             lse[:, :, t.q0 : t.q1] = acc[1]
     return out, lse
@@ -155,15 +177,26 @@ class _FusedTiled(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         q, k, v, out, lse, sinks = ctx.saved_tensors
         scale, mask, plan = ctx.scale, ctx.mask, ctx.plan
+        dt = q.dtype
+        bdt = compute_dtype(dt, fused=True, backward=True)
+        if bdt != dt:  # a half-precision forward whose backward runs faster in float32 on this machine
+            q, k, v, out, dout = (t.to(bdt) for t in (q, k, v, out, dout))
         dout = dout.contiguous()
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[6]:
             dsinks = sink_backward(dout, out, lse, sinks)
         if plan.single:
             dq, dk, dv = span_backward(dout, q, k, v, out, lse, scale, causal=plan.single == "causal")
-            return dq, dk, dv, None, None, None, dsinks
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            return dq.to(dt), dk.to(dt), dv.to(dt), None, None, None, dsinks
+        acc = torch.float32 if q.dtype in HALF else q.dtype  # gradients are summed in float32 (or float64)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        b = plan.band
+        if b is not None:
+            off = plan.shape.offset
+            band_backward(dout, q, k, v, out, lse, scale, b.q0, b.q1, b.rows, b.window, b.reach, off, (dq, dk, dv))
         for t in plan.tiles:
+            if plan.in_band(t):
+                continue
             sl = slice(t.q0, t.q1)
             qt, dot, ot, lt = q[:, :, sl], dout[:, :, sl], out[:, :, sl], lse[:, :, sl]
             for seg in t.segments:
@@ -181,7 +214,7 @@ class _FusedTiled(torch.autograd.Function):
                 dq[:, :, sl] += gq
                 dk[:, :, ks] += gk
                 dv[:, :, ks] += gv
-        return dq, dk, dv, None, None, None, dsinks
+        return dq.to(dt), dk.to(dt), dv.to(dt), None, None, None, dsinks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +287,9 @@ EAGER_FLOPS = 40e9
 MASK_PAIR_S = 1.5e-9
 """Seconds per (query, key) pair of a partial tile: the mask evaluated, turned additive, applied."""
 MERGE_S = 4e-9
-"""Seconds per output element of a logsumexp merge, and per element cast from half precision."""
+"""Seconds per output element of a logsumexp merge."""
+BAND_PAIR_S = 0.3e-9
+"""Seconds per (query, key) pair of a batched band: its one shared additive mask applied."""
 RUN_S = 50e-6
 """Fixed seconds per call of the backend (plan lookup, the autograd function, casts)."""
 SINK_S = 1e-9
@@ -297,28 +332,44 @@ class Tiled(Backend):
         plan = self.plan(req)
         heads = req.B * req.H
         per_pair = 2.0 * (req.D + req.Dv)  # flops of one (query, key) pair in the forward
-        if self.fused(req) and plan.single:  # one call of the fused kernel, as sdpa makes
+        fused = self.fused(req)
+        dt = compute_dtype(req.dtype, fused=fused)
+        speed = half_speed(dt) if dt in HALF else 1.0  # the fused kernel's rate in half precision here
+        if fused and plan.single:  # one call of the fused kernel, as sdpa makes
             share = FUSED_CAUSAL_SHARE if plan.single == "causal" else 1.0
-            s = req.flops * share / FUSED_FLOPS + FUSED_CALL_S
+            s = req.flops * share / (FUSED_FLOPS * speed) + FUSED_CALL_S
+        elif fused:
+            s = heads * plan.fused_pairs * per_pair / (FUSED_FLOPS * speed) + plan.fused_calls * FUSED_CALL_S
+            s += heads * (plan.fused_partial_pairs * MASK_PAIR_S + plan.band_pairs * BAND_PAIR_S)
+            s += heads * plan.merged_rows * req.Dv * MERGE_S
         else:
-            rate, call = (FUSED_FLOPS, FUSED_CALL_S) if self.fused(req) else (EAGER_FLOPS, 4 * FUSED_CALL_S)
-            s = heads * plan.pairs * per_pair / rate + plan.calls * call
+            s = heads * plan.pairs * per_pair / EAGER_FLOPS + plan.calls * 4 * FUSED_CALL_S
             s += heads * plan.partial_pairs * MASK_PAIR_S
             s += heads * req.Lq * req.Dv * MERGE_S * max(0.0, plan.calls / max(1, len(plan.tiles)) - 1)
         s += RUN_S
-        if req.dtype in (torch.float16, torch.bfloat16):  # cast to float32 and back
-            s += 2 * (req.q.numel() + req.k.numel() + req.v.numel()) * MERGE_S
+        casts = 2 * (req.q.numel() + req.k.numel() + req.v.numel()) * CAST_S
+        if req.dtype in HALF and dt not in HALF:  # cast to float32 and back
+            s += casts
         if req.sinks is not None:  # the logsumexp correction of every output row
             s += heads * req.Lq * req.Dv * SINK_S
-        if req.requires_grad:
-            s *= 3.0
+        if req.requires_grad:  # the backward: about twice the forward's work
+            bdt = compute_dtype(req.dtype, fused=fused, backward=True)
+            slower = speed / half_speed(bdt, backward=True) if bdt in HALF else speed
+            s += 2.0 * s * slower + (casts if dt in HALF and bdt not in HALF else 0.0)
         if req.return_weights:
             s += heads * req.Lq * req.Lk * (per_pair / 2 / EAGER_FLOPS + MASK_PAIR_S)
         return s
 
     def describe(self, req: Request) -> str:
         plan = self.plan(req)
-        engine = "fused CPU flash kernel" if self.fused(req) else "eager engine"
+        fused = self.fused(req)
+        engine = "fused CPU flash kernel" if fused else "eager engine"
+        if req.dtype in HALF:
+            dt = compute_dtype(req.dtype, fused=fused)
+            name = str(req.dtype).removeprefix("torch.")
+            engine += f" in {name}" if dt == req.dtype else f" in float32 ({name} is slower here)" if fused else ""
+        if fused and plan.band is not None and not plan.single:
+            engine += f", the window's band in one call of {plan.band.tiles} tiles"
         if req.mask is None or plan.single:
             what = "one call" if plan.single else f"{len(plan.tiles)} query tiles"
         else:
@@ -334,17 +385,20 @@ class Tiled(Backend):
         if why is not None:
             raise NotImplementedError(why)
         plan = plan if isinstance(plan, TilePlan) else self.plan(req)
-        dt = compute_dtype(req.dtype)
+        fused = self.fused(req)
+        dt = compute_dtype(req.dtype, fused=fused)
         q, k, v = req.q.to(dt), req.k.to(dt), req.v.to(dt)
-        sinks = None if req.sinks is None else req.sinks.to(dt)
-        if self.fused(req):
+        wdt = compute_dtype(req.dtype)  # float32 for half precision: sinks, their correction, weights
+        sinks = None if req.sinks is None else req.sinks.to(wdt)
+        if fused:
             out, lse = _FusedTiled.apply(q, k, v, req.scale, req.mask, plan, sinks)
         else:
             out, lse = _eager_forward(q, k, v, req, plan, dt, sinks)
         out = out.to(req.dtype)
         if req.return_weights:
+            wq, wk = req.q.to(wdt), req.k.to(wdt)  # weights recomputed in float32 for half precision
             ranges = key_ranges(plan.tiles, req.Lq, req.Lk, q.device)
-            return out, weights(req, q, k, lse, dt, plan.block_q, sinks, ranges).to(req.dtype)
+            return out, weights(req, wq, wk, lse.to(wdt), wdt, plan.block_q, sinks, ranges).to(req.dtype)
         return out
 
 
