@@ -82,6 +82,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--only", default="", help="time only the requests whose label contains this text")
     args = p.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu} ({platform.machine()})")
@@ -92,6 +93,8 @@ def main() -> int:
         print(f"| request | L | H | mode | auto picks | {' | '.join(EXACT)} | auto | regret |")
         print("|---|---:|---:|---|---|" + "---:|" * (len(EXACT) + 2))
         for label, L, H, mode, kw in requests(args.quick):
+            if args.only not in label:
+                continue
             q = torch.randn(1, H, L, 64).to(dtype)
             with torch.no_grad():
                 choice = qkv.explain(q, q, q, **kw)
