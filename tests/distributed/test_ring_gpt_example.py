@@ -43,7 +43,7 @@ def _losses(procs: list[subprocess.Popen[str]]) -> list[float]:
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=150)[0])
+            outs.append(p.communicate(timeout=400)[0])  # five processes start torch at once on two cores
     finally:
         for p in procs:
             if p.poll() is None:
