@@ -61,3 +61,36 @@ def test_head_scores_on_hand_made_patterns():
     assert float(s[0, 1]) == pytest.approx((1 / 4 + 1 / 5 + 1 / 6) / 3)
     with pytest.raises(ValueError, match="self-attention"):
         head_scores([uni[..., :5]], ids, "previous")
+
+
+class _MhaLM(torch.nn.Module):
+    """Embedding + one torch TransformerEncoderLayer (causal): a torch.nn.MultiheadAttention tree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 16)
+        self.layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        L = ids.shape[1]
+        return self.layer(self.emb(ids), src_mask=torch.nn.Transformer.generate_square_subsequent_mask(L))
+
+
+def test_detect_heads_on_torch_and_hugging_face_models():
+    torch.manual_seed(0)
+    ids = repeated_tokens(30, 6, 2)
+    m = _MhaLM().eval()
+    s = detect_heads(m, ids, patterns=("previous",))
+    # the oracle: torch's own per-head weights of the same attention call
+    x = m.emb(ids)
+    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask(12)
+    with torch.no_grad():
+        _, w = m.layer.self_attn(x, x, x, attn_mask=causal_mask, need_weights=True, average_attn_weights=False)
+    want = torch.stack([w[:, h].diagonal(-1, -2, -1).mean() for h in range(2)]).double()
+    torch.testing.assert_close(s["previous"][0], want)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=30, n_embd=16, n_layer=2, n_head=2, n_positions=32)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    s = detect_heads(hf, ids)
+    assert set(s) == {"previous", "duplicate", "induction"} and s["induction"].shape == (2, 2)
+    assert bool(((s["induction"] >= 0) & (s["induction"] <= 1)).all())
