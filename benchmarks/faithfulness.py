@@ -247,35 +247,45 @@ def lm_part(args: argparse.Namespace) -> dict[str, Any]:
     va = torch.tensor(list(va_b), dtype=torch.long)
     ctx = 128
     model = GPT(256, 128, 4, 4, max_len=ctx + 512, pos="rope")
-    probe = repeated_tokens(256, 50, 8, generator=torch.Generator().manual_seed(123))  # (8, 100) random bytes twice
+    # repeated random tokens, TransformerLens's probe: 8 rows of 50 random bytes, then the same 50 again; "ascii":
+    # from the printable bytes 33-126 the model saw in training, "bytes": from all 256 (most never seen)
+    gen = torch.Generator().manual_seed(123)
+    probes = {
+        "ascii": repeated_tokens(127, 50, 8, generator=gen, low=33),
+        "bytes": repeated_tokens(256, 50, 8, generator=gen),
+    }
     history: list[dict[str, Any]] = []
 
     def measure(step: int) -> None:
         was = model.training
         model.eval()
-        maps = capture(model, probe)
-        ind = head_scores(maps, probe, "induction")
-        prev = head_scores(maps, probe, "previous")
-        with torch.no_grad():
-            logits = model(probe[:, :-1])
-            ce = F.cross_entropy(logits.transpose(1, 2), probe[:, 1:], reduction="none").mean(0)
-        half = probe.shape[1] // 2
-        row = {
-            "step": step,
-            "induction": [[round(float(x), 4) for x in r] for r in ind],
-            "previous": [[round(float(x), 4) for x in r] for r in prev],
-            "loss_first_half": float(ce[: half - 1].mean()),
-            "loss_repeat_half": float(ce[half:].mean()),
-            "val_bpb": bits_per_byte(model, va, ctx, max_windows=16),
-        }
+        row: dict[str, Any] = {"step": step, "val_bpb": bits_per_byte(model, va, ctx, max_windows=16)}
+        for name, probe in probes.items():
+            maps = capture(model, probe)
+            ind = head_scores(maps, probe, "induction")
+            prev = head_scores(maps, probe, "previous")
+            with torch.no_grad():
+                logits = model(probe[:, :-1])
+                ce = F.cross_entropy(logits.transpose(1, 2), probe[:, 1:], reduction="none").mean(0)
+            half = probe.shape[1] // 2
+            row[name] = {
+                "induction": [[round(float(x), 4) for x in r] for r in ind],
+                "previous": [[round(float(x), 4) for x in r] for r in prev],
+                "loss_first_half": float(ce[: half - 1].mean()),
+                "loss_repeat_half": float(ce[half:].mean()),
+            }
+            print(
+                f"step {step:5d} {name:>5}: max induction {float(ind.max()):.2f} at "
+                f"L{int(ind.argmax()) // ind.shape[1]}H{int(ind.argmax()) % ind.shape[1]}, heads > 0.4: "
+                f"{[(l, h) for l, h in (ind > 0.4).nonzero().tolist()]}; max previous {float(prev.max()):.2f}; "
+                f"loss first/repeat half {row[name]['loss_first_half']:.2f}/{row[name]['loss_repeat_half']:.2f}",
+                flush=True,
+            )
+        print(f"step {step:5d}: val {row['val_bpb']:.2f} bits/byte", flush=True)
         history.append(row)
-        best = ind.flatten().max()
-        print(
-            f"step {step:5d}: max induction {float(best):.2f}, heads > 0.4: "
-            f"{[(l, h) for l, h in (ind > 0.4).nonzero().tolist()]}; loss first/repeat half "
-            f"{row['loss_first_half']:.2f}/{row['loss_repeat_half']:.2f}; val {row['val_bpb']:.2f} bits/byte",
-            flush=True,
-        )
+        if args.json:
+            with open(args.json + ".partial", "w") as fh:
+                json.dump(history, fh)
         model.train(was)
 
     def batches() -> Iterator[Tensor]:
@@ -289,6 +299,10 @@ def lm_part(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     fit(model, batches(), _loss, args.lm_steps, 2e-3)
     measure(args.lm_steps)
+    if args.save:
+        from safetensors.torch import save_model
+
+        save_model(model, args.save)  # tied embedding and head saved once
     return {
         "steps": args.lm_steps,
         "every": args.every,
@@ -312,6 +326,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--save", default=None, help="write the trained GPT here (safetensors)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     res: dict[str, Any] = {"cpu": _cpu(), "threads": args.threads, "torch": torch.__version__, "args": vars(args)}
