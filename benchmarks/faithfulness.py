@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from qkv.analysis import (
     agreement,
     capture,
+    cosine_change,
     grad_x_input,
     integrated_gradients,
     kendall_tau,
@@ -185,6 +186,7 @@ def minilm_part(args: argparse.Namespace) -> dict[str, Any]:
 
     model = minilm()
     per_pair: dict[str, dict[str, list[float]]] = {}
+    change: dict[str, list[float]] = {"permuted": [], "uniform": [], "leave_one_out_max": []}
     t0 = time.perf_counter()
     for text in SENTENCES[: args.sentences]:
         batch = model.encode(text)
@@ -192,6 +194,15 @@ def minilm_part(args: argparse.Namespace) -> dict[str, Any]:
 
         def embed(ids: Tensor, am: Tensor) -> Tensor:
             return mean_pool(model(ids, am), am)
+
+        with torch.no_grad():
+            e0 = embed(batch["input_ids"], batch["attention_mask"])
+            with permuted_attention(model, "*", torch.Generator().manual_seed(args.seed)):
+                ep = embed(batch["input_ids"], batch["attention_mask"])
+            with uniform_attention(model):
+                eu = embed(batch["input_ids"], batch["attention_mask"])
+        change["permuted"].append(float(cosine_change(e0, ep)))
+        change["uniform"].append(float(cosine_change(e0, eu)))
 
         qargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
         imp = sentence_importances(
@@ -206,6 +217,7 @@ def minilm_part(args: argparse.Namespace) -> dict[str, Any]:
             flow_max_len=64,
         )
         words = ~special_positions(batch.tokens[0])
+        change["leave_one_out_max"].append(float(imp["leave_one_out"][words].max()))
         for row in agreement({n: v.unsqueeze(0) for n, v in imp.items()}, valid=words.unsqueeze(0), k=3):
             if "leave_one_out" not in (row["method_a"], row["method_b"]) and "attention" not in (
                 row["method_a"],
@@ -228,6 +240,7 @@ def minilm_part(args: argparse.Namespace) -> dict[str, Any]:
         "sentences": min(args.sentences, len(SENTENCES)),
         "seconds": round(time.perf_counter() - t0, 1),
         "pairs": out,
+        "cosine_change": {k: {"mean": statistics.fmean(v), "median": statistics.median(v)} for k, v in change.items()},
     }
     print(json.dumps({"minilm": res}, indent=1), flush=True)
     return res
