@@ -16,6 +16,9 @@
 - ``lm``: the ``qkv train lm`` GPT (byte level, 4 layers x 4 heads, d 128, RoPE, the task's data and optimiser)
   trained ``--lm-steps`` steps; every ``--every`` steps, each head's induction and previous-token scores on
   repeated random bytes, and the loss on the repeated half against the first half (in-context copying).
+- ``induction``: a 2-layer GPT (d 64, 4 heads, RoPE) trained on random tokens in which a segment of random length
+  and offset comes twice (only a content-based look-back predicts the copy): the same scores every
+  ``--every-copy`` steps, to see when its induction heads appear.
 """
 
 from __future__ import annotations
@@ -324,9 +327,74 @@ def lm_part(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _copy_batches(batch: int, length: int, vocab: int, seed: int) -> Iterator[Tensor]:
+    """Random tokens in which a random segment (8-40 tokens, after a random 0-16-token prefix) comes twice:
+    predicting the second copy needs a head that finds the earlier occurrence by content (an induction head):
+    lengths and offsets vary, so no fixed positional offset does it."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randint(0, vocab, (batch, length + 1), generator=g)
+        for r in range(batch):
+            p = int(torch.randint(0, 17, (1,), generator=g))
+            n = int(torch.randint(8, 41, (1,), generator=g))
+            x[r, p + n : p + 2 * n] = x[r, p : p + n]
+        yield x
+
+
+def induction_part(args: argparse.Namespace) -> dict[str, Any]:
+    """A 2-layer GPT trained on sequences with repeated segments: when do its induction heads appear?"""
+    from qkv.apps.tasks.common import fit
+    from qkv.models.gpt import GPT
+
+    torch.manual_seed(args.seed)
+    V, L = 64, 96
+    model = GPT(V, 64, 2, 4, max_len=2 * L, pos="rope")
+    probe = repeated_tokens(V, 30, 8, generator=torch.Generator().manual_seed(123))
+    history: list[dict[str, Any]] = []
+
+    def loss_fn(m: nn.Module, xy: Tensor) -> Tensor:
+        logits = m(xy[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, V), xy[:, 1:].reshape(-1))
+
+    def measure(step: int) -> None:
+        was = model.training
+        model.eval()
+        maps = capture(model, probe)
+        ind = head_scores(maps, probe, "induction")
+        prev = head_scores(maps, probe, "previous")
+        with torch.no_grad():
+            ce = F.cross_entropy(model(probe[:, :-1]).transpose(1, 2), probe[:, 1:], reduction="none").mean(0)
+        row = {
+            "step": step,
+            "induction": [[round(float(x), 4) for x in r] for r in ind],
+            "previous": [[round(float(x), 4) for x in r] for r in prev],
+            "loss_first_half": float(ce[:29].mean()),
+            "loss_repeat_half": float(ce[30:].mean()),
+        }
+        history.append(row)
+        print(
+            f"copy step {step:5d}: induction {[[round(float(x), 2) for x in r] for r in ind]}, previous max "
+            f"{float(prev.max()):.2f} at L{int(prev.argmax()) // 4}H{int(prev.argmax()) % 4}; loss first/repeat half "
+            f"{row['loss_first_half']:.2f}/{row['loss_repeat_half']:.2f} (log V = {math.log(V):.2f})",
+            flush=True,
+        )
+        model.train(was)
+
+    def batches() -> Iterator[Tensor]:
+        for step, b in enumerate(_copy_batches(32, L, V, args.seed)):
+            if step % args.every_copy == 0:
+                measure(step)
+            yield b
+
+    t0 = time.perf_counter()
+    fit(model, batches(), loss_fn, args.copy_steps, 3e-3)
+    measure(args.copy_steps)
+    return {"steps": args.copy_steps, "seconds": round(time.perf_counter() - t0, 1), "history": history}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", default="all", choices=["translator", "minilm", "lm", "all"])
+    p.add_argument("--part", default="all", choices=["translator", "minilm", "lm", "induction", "all"])
     p.add_argument(
         "--steps", type=int, default=1000, help="training steps of each translator (the demo's full run: 1000)"
     )
@@ -336,6 +404,8 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=100)
     p.add_argument("--lm-steps", type=int, default=1000, help="GPT training steps (the lm task's full run: 1000)")
     p.add_argument("--every", type=int, default=50)
+    p.add_argument("--copy-steps", type=int, default=1500, help="steps of the repeated-segment GPT (part induction)")
+    p.add_argument("--every-copy", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
@@ -349,6 +419,8 @@ def main() -> None:
         res["minilm"] = minilm_part(args)
     if args.part in ("lm", "all"):
         res["lm"] = lm_part(args)
+    if args.part in ("induction", "all"):
+        res["induction"] = induction_part(args)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=1)
