@@ -313,7 +313,9 @@ def plot_importance(
         raise ValueError(f"every method needs one value per token, got lengths {[r.shape[0] for r in rows]}")
     m = np.stack([r / r.max() if r.max() > 0 else r for r in rows])
     kt = _tokens(tokens, n, "tokens", "columns (tokens)")
-    fig = Figure(figsize=(max(_side(n), min(16.0, 0.42 * n)) + 2.4, 0.45 * len(rows) + 1.6), dpi=110, layout="constrained")
+    fig = Figure(
+        figsize=(max(_side(n), min(16.0, 0.42 * n)) + 2.4, 0.45 * len(rows) + 1.6), dpi=110, layout="constrained"
+    )
     ax = fig.add_subplot()
     im = _imshow(ax, m, vmax=1.0)
     fs = 7.0 if n > 30 else 9.0
