@@ -9,7 +9,9 @@ without: a small change means the model did not need *these* weights.
 
 Works on every :class:`qkv.nn.AttentionModule` (``hook_scores`` tells which keys are allowed, ``hook_weights``
 replaces the weights; the module computes attention by the reference formula while hooked) and on
-:class:`qkv.nn.AdditiveAttention` / :class:`qkv.nn.LuongAttention` (their own two hook points).
+:class:`qkv.nn.AdditiveAttention` / :class:`qkv.nn.LuongAttention` (their own two hook points). Trees of
+``torch.nn.MultiheadAttention`` and Hugging Face models have no hook points: the context managers refuse them
+with a ``ValueError`` (their weights can still be captured, scored and compared: :mod:`qkv.analysis.importance`).
 """
 
 from __future__ import annotations
