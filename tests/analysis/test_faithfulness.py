@@ -107,3 +107,10 @@ def test_bahdanau_attention_has_hook_points_and_uniform_and_permuted_respect_len
     tv = total_variation(logits0, logits)
     assert tv.shape == (2, 4) and float(tv.min()) >= 0 and float(tv.max()) <= 1 and float(tv.max()) > 0
     torch.testing.assert_close(total_variation(logits0, logits0), torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_models_without_hook_points_are_refused():
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.raises(ValueError, match="no hookable attention"):
+        with uniform_attention(layer):
+            pass
