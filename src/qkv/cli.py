@@ -49,11 +49,16 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("text", help="the text to run through the model")
     p.add_argument("--model", default="minilm", help="model name (default: minilm)")
     p.add_argument("--out", default="qkv-inspect", help="report folder (default: qkv-inspect)")
+    p.add_argument(
+        "--faithfulness",
+        action="store_true",
+        help="also compare token importance by attention, gradients and leave-one-out (faithfulness.csv, importance.png)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from .apps import run_command
 
-        return run_command("inspect", args.text, model=args.model, out=args.out)
+        return run_command("inspect", args.text, model=args.model, out=args.out, faithfulness=args.faithfulness)
 
     p.set_defaults(func=run)
 

@@ -304,3 +304,34 @@ def test_2k_tokens_load_fast(browser, tmp_path):
     page.screenshot(path=str(tmp_path / "long.png"))
     assert pg.errors == [] and pg.requests == [pg.url]
     page.close()
+
+
+def _importance_page(path):
+    imp = {"attention": torch.linspace(0, 1, L), "leave_one_out <x>": np.arange(L, dtype=float)[::-1].copy()}
+    return write_viewer([_layers()[0]], TOKENS, path, importance=imp), imp
+
+
+def test_importance_rows_are_stored_and_escaped(tmp_path):
+    p, imp = _importance_page(tmp_path / "imp.html")
+    text, meta, _ = _decode(p)
+    assert EVIL not in text
+    rows = meta["importance"]["rows"]
+    assert meta["importance"]["tokens"] == TOKENS and [r["name"] for r in rows] == list(imp)
+    np.testing.assert_allclose(rows[1]["values"], np.arange(L)[::-1])
+    with pytest.raises(ValueError, match=r"importance\['a'\] has 3 values for 12 tokens"):
+        write_viewer([_layers()[0]], TOKENS, tmp_path / "bad.html", importance={"a": [1.0, 2.0, 3.0]})
+    assert _decode(_small_page(tmp_path / "none.html"))[1]["importance"] is None
+
+
+def test_importance_rows_in_chromium(browser, tmp_path):
+    p, _ = _importance_page(tmp_path / "imp.html")
+    pg = Page(browser, p)
+    assert pg.data("importanceRows") == "2"
+    cells = pg.page.locator("#importance tbody tr").nth(1).locator("td")
+    assert cells.nth(0).inner_text() == "leave_one_out <x>"
+    assert cells.nth(1).inner_text() == "1.00" and cells.nth(L).inner_text() == "0.00"
+    heads = pg.page.locator("#importance thead th")
+    assert heads.nth(5).get_attribute("title") == "4: " + EVIL  # the evil token is shown as text
+    assert pg.page.locator("#importance-panel").is_visible() and not pg.errors
+    pg2 = Page(browser, _small_page(tmp_path / "plain.html"))
+    assert pg2.data("importanceRows") == "0" and not pg2.page.locator("#importance-panel").is_visible()

@@ -10,11 +10,28 @@
 - Interventions go through the named hook points of every qkv attention module (:mod:`qkv.nn.hooks`:
   ``hook_scores``, ``hook_weights``, ``hook_heads``, ...): :func:`scale_heads` (head masks, ablation,
   importance), or any hook with :func:`qkv.nn.hooked`.
+- Is attention an explanation? Token importance by attention, value norms, gradients and erasure
+  (:mod:`qkv.analysis.importance`), their agreement (Kendall tau, top-k overlap: :mod:`qkv.analysis.agreement`),
+  the permutation test and uniform-attention baseline (:mod:`qkv.analysis.faithfulness`), and head detectors
+  for previous-token, duplicate-token and induction heads (:mod:`qkv.analysis.heads_detect`).
 - :func:`write_head_report`: all of it in one folder (viewer, PNGs, per-head table, summary), what
   ``qkv inspect "text"`` writes for a real model.
 """
 
+from .agreement import agreement, kendall_tau, topk_overlap
 from .capture import AttentionMaps, capture
+from .faithfulness import permuted_attention, total_variation, uniform_attention
+from .heads_detect import detect_heads, head_scores, repeated_tokens, strong_heads
+from .importance import (
+    attention_importance,
+    cosine_change,
+    erasure,
+    grad_x_input,
+    integrated_gradients,
+    leave_one_out,
+    norm_weighted,
+    value_norm_importance,
+)
 from .interventions import attention_modules, scale_heads
 from .measures import (
     attention_flow,
@@ -40,6 +57,24 @@ from .report import HeadReport, write_head_report
 from .viewer import write_viewer
 
 __all__ = [
+    "agreement",
+    "attention_importance",
+    "cosine_change",
+    "detect_heads",
+    "erasure",
+    "grad_x_input",
+    "head_scores",
+    "integrated_gradients",
+    "kendall_tau",
+    "leave_one_out",
+    "norm_weighted",
+    "permuted_attention",
+    "repeated_tokens",
+    "strong_heads",
+    "topk_overlap",
+    "total_variation",
+    "uniform_attention",
+    "value_norm_importance",
     "AttentionMaps",
     "HeadReport",
     "attention_flow",

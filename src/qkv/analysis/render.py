@@ -23,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["MAX_TICK_LABELS", "downsample_max", "plot_alignment", "plot_grid", "plot_head"]
+__all__ = ["MAX_TICK_LABELS", "downsample_max", "plot_alignment", "plot_grid", "plot_head", "plot_importance"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -287,4 +287,48 @@ def plot_grid(
                 ax.set_yticklabels(qt, fontsize=5)  # type: ignore[arg-type]
     if title:
         fig.suptitle(_text(title), fontsize=10)
+    return _save(fig, path)
+
+
+def plot_importance(
+    importances: dict[str, ArrayLike],
+    tokens: Sequence[str] | None,
+    path: PathLike,
+    title: str | None = None,
+) -> Path:
+    """Token importance by several methods, one row per method (each row scaled by its largest magnitude, so
+    rows compare by rank and shape, not scale), the value written in each cell when there are few tokens.
+
+    Args:
+        importances: method name -> ``(L,)`` importance of each token (signed values are shown by magnitude).
+        tokens: ``L`` token strings labelling the columns, or ``None`` for positions.
+        path: output file (``.png``, ``.svg``, ...).
+        title: optional figure title.
+    """
+    if not importances:
+        raise ValueError("importances is empty; give at least one method")
+    rows = [np.abs(_matrix(v, f"importances[{k!r}]", 1)) for k, v in importances.items()]
+    n = rows[0].shape[0]
+    if any(r.shape[0] != n for r in rows):
+        raise ValueError(f"every method needs one value per token, got lengths {[r.shape[0] for r in rows]}")
+    m = np.stack([r / r.max() if r.max() > 0 else r for r in rows])
+    kt = _tokens(tokens, n, "tokens", "columns (tokens)")
+    fig = Figure(
+        figsize=(max(_side(n), min(16.0, 0.42 * n)) + 2.4, 0.45 * len(rows) + 1.6), dpi=110, layout="constrained"
+    )
+    ax = fig.add_subplot()
+    im = _imshow(ax, m, vmax=1.0)
+    fs = 7.0 if n > 30 else 9.0
+    _label_axis(ax, "x", kt, n, fs)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([_text(k) for k in importances], fontsize=fs)
+    if n <= 30:
+        for i in range(len(rows)):
+            for j in range(n):
+                ax.text(
+                    j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if m[i, j] < 0.6 else "k"
+                )
+    fig.colorbar(im, ax=ax, shrink=0.8, label="importance / row maximum")
+    if title:
+        ax.set_title(_text(title), fontsize=10)
     return _save(fig, path)

@@ -17,7 +17,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,7 @@ def write_head_report(
     *,
     hidden_states: Sequence[Tensor] | None = None,
     title: str | None = None,
+    importance: Mapping[str, Tensor] | None = None,
 ) -> HeadReport:
     """Measure and draw the heads of the first batch row of ``maps`` (self-attention layers with tokens).
 
@@ -84,6 +85,7 @@ def write_head_report(
         outdir: the folder (created if needed).
         hidden_states: the model's hidden states ``(B, L, d)`` per layer, for the rank-collapse diagnostics.
         title: the viewer's title (default: the first tokens).
+        importance: token importance by method, one ``(L,)`` row each, shown in the viewer beside the attention.
 
     Raises:
         ValueError: ``maps`` has no tokens.
@@ -107,7 +109,7 @@ def write_head_report(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     title = title or f"{' '.join(tokens[:12])}{' ...' if len(tokens) > 12 else ''}"
-    written = _pictures(maps, tokens, table, best, out, title)
+    written = _pictures(maps, tokens, table, best, out, title, importance)
     return HeadReport(table, best, summary, sorted(written + ["heads.csv", "heads.json", "summary.json"]))
 
 
@@ -143,6 +145,7 @@ def _pictures(
     best: dict[str, Any],
     outdir: Path,
     title: str,
+    importance: Mapping[str, Tensor] | None = None,
 ) -> list[str]:
     """The viewer and the PNGs (from :mod:`.viewer` and :mod:`.render`); returns the file names written."""
     written: list[str] = []
@@ -153,6 +156,7 @@ def _pictures(
         layer_names=[f"L{i}" for i in range(len(maps))],
         head_table=table,
         title=title,
+        importance=importance,
     )
     written.append("viewer.html")
     plot_grid([w[0] for w in maps.weights], tokens, outdir / "grid.png", title="attention of every head")

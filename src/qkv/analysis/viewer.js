@@ -336,6 +336,35 @@
       return { el: row, data: r };
     });
   }
+  // ---- token importance (rows of methods beside the attention) ----
+  function buildImportance() {
+    const I = meta.importance, table = $("importance");
+    if (!I || !I.rows.length) { $("importance-panel").style.display = "none"; body.dataset.importanceRows = "0"; return; }
+    const thead = document.createElement("thead"), tr = document.createElement("tr");
+    const first = document.createElement("th"); first.textContent = "method"; first.className = "text"; tr.appendChild(first);
+    I.tokens.forEach((t, j) => {
+      const th = document.createElement("th"); th.className = "tok"; th.textContent = clip(t, 14); th.title = j + ": " + t;
+      tr.appendChild(th);
+    });
+    thead.appendChild(tr); table.appendChild(thead);
+    const tbody = document.createElement("tbody"); table.appendChild(tbody);
+    for (const r of I.rows) {
+      const row = document.createElement("tr"), name = document.createElement("td");
+      name.textContent = r.name; name.className = "text"; row.appendChild(name);
+      const mx = Math.max(0, ...r.values.map((x) => (x === null ? 0 : Math.abs(x))));
+      r.values.forEach((x, j) => {
+        const td = document.createElement("td"), rel = x === null || mx === 0 ? 0 : Math.abs(x) / mx;
+        td.className = "cell"; td.textContent = rel.toFixed(2);
+        td.style.background = "rgba(37, 99, 235," + (0.05 + 0.85 * rel).toFixed(3) + ")";
+        if (rel > 0.55) td.style.color = "#fff";
+        td.title = r.name + " on " + j + " \"" + I.tokens[j] + "\": " + (x === null ? "n/a" : x.toPrecision(4));
+        row.appendChild(td);
+      });
+      tbody.appendChild(row);
+    }
+    body.dataset.importanceRows = String(I.rows.length);
+  }
+
   let sortState = { col: -1, dir: 1 };
   function sortBy(ci, th) {
     sortState = { col: ci, dir: sortState.col === ci ? -sortState.dir : -1 };
@@ -408,6 +437,7 @@
       layerSel.appendChild(o);
     });
     buildTable();
+    buildImportance();
     if (typeof DecompressionStream === "undefined") {
       note.textContent = "This browser cannot decompress the embedded data (no DecompressionStream); use a current browser.";
       body.dataset.ready = "error";

@@ -142,6 +142,25 @@ def _table(rows: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
     return {"columns": cols, "rows": [[r.get(c) for c in cols] for r in out]}
 
 
+def _importance(rows: Mapping[str, Any] | None, tokens: Sequence[str]) -> dict[str, Any] | None:
+    if rows is None:
+        return None
+    if not isinstance(rows, Mapping):
+        raise TypeError(f"importance must be a dict of method name -> values, got {type(rows).__name__}")
+    toks = [str(t) for t in tokens]
+    out = []
+    for name, vals in rows.items():
+        v = (
+            vals.detach().cpu().double().flatten().tolist()
+            if isinstance(vals, torch.Tensor)
+            else np.asarray(vals, dtype=np.float64).ravel().tolist()
+        )
+        if len(v) != len(toks):
+            raise ValueError(f"importance[{name!r}] has {len(v)} values for {len(toks)} tokens")
+        out.append({"name": str(name), "values": [_jsonable(float(x)) for x in v]})
+    return {"tokens": toks, "rows": out}
+
+
 def _quantise(a: torch.Tensor, k: int | None) -> tuple[bytes, bytes | None, bytes, float, float]:
     """(rowmax f32, idx u16 or None, vals u8, mean kept mass, min kept mass) for one layer ``(H, Lq, Lk)``."""
     a = a.clamp_min(0.0)
@@ -194,6 +213,8 @@ def write_viewer(
     kv_heads: int | Sequence[int] | None = None,
     top_k: int | None = None,
     max_cells: int = DEFAULT_MAX_CELLS,
+    importance: Mapping[str, Sequence[float] | ArrayLike] | None = None,
+    importance_tokens: Sequence[str] | None = None,
 ) -> Path:
     """Write one self-contained HTML file that shows the attention of every layer and head.
 
@@ -218,6 +239,9 @@ def write_viewer(
             everything when ``sum(H * Lq * Lk) <= max_cells`` and otherwise picks
             ``top_k = clamp(max_cells // sum(H * Lq), 8, 64)``.
         max_cells: the budget of stored weights that decides the default ``top_k``.
+        importance: token importance by method (``qkv.analysis.importance``): method name -> one value per
+            token, shown as rows beside the attention (shaded by ``|value|`` over the row's largest).
+        importance_tokens: the tokens those values belong to (default: the key tokens of the first layer).
 
     Returns:
         ``Path`` of the written file.
@@ -284,6 +308,7 @@ def write_viewer(
             "kept_min": round(kept_min, 4),
         }
         meta_layers.append(entry)
+    imp = _importance(importance, importance_tokens or token_lists[refs[0][1]])
     raw_len = len(blob)
     packed = base64.b64encode(zlib.compress(bytes(blob), 6)).decode("ascii")
     meta = {
@@ -291,6 +316,7 @@ def write_viewer(
         "layers": meta_layers,
         "tokens": token_lists,
         "table": _table(head_table),
+        "importance": imp,
         "cmap": _viridis(),
         "bytes": raw_len,
     }

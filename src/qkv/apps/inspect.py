@@ -4,7 +4,8 @@
 Hugging Face checkpoint folder through ``transformers`` on ``attn_implementation="qkv"`` (:mod:`qkv.hf`).
 
 Writes the folder of :func:`qkv.analysis.report.write_head_report` (viewer, PNGs, per-head table, summary)
-and prints the strongest head for each pattern, for example ``L3H11 -> [SEP] 0.62`` (layers and heads
+(with ``--faithfulness`` also ``faithfulness.csv`` and ``importance.png``, :mod:`qkv.apps.faithfulness`, and the
+importance rows in the viewer) and prints the strongest head for each pattern, for example ``L3H11 -> [SEP] 0.62`` (layers and heads
 count from 0), and the sink rate: the share of heads whose mean attention to the first token exceeds 0.3.
 """
 
@@ -19,7 +20,8 @@ import torch
 
 from ..analysis.capture import capture
 from ..analysis.report import PATTERNS, write_head_report
-from ..models.bert import BertEncoder, minilm
+from ..models.bert import BertEncoder, mean_pool, minilm
+from .faithfulness import sentence_importances, write_faithfulness
 
 __all__ = ["MODELS", "PATTERNS", "run_inspect"]
 
@@ -38,8 +40,12 @@ def _load(model: str) -> BertEncoder:
     raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)} or a Hugging Face checkpoint folder")
 
 
-def _run_qkv(model: str, text: str) -> tuple[Any, list[str], list[torch.Tensor], int]:
-    """A named model on qkv's own encoder: the captured maps, the tokens, the hidden states, the text's length."""
+Explain = Callable[[Any], dict[str, torch.Tensor]]
+
+
+def _run_qkv(model: str, text: str) -> tuple[Any, list[str], list[torch.Tensor], int, Explain]:
+    """A named model on qkv's own encoder: the captured maps, the tokens, the hidden states, the text's length,
+    and the token importances by every method (computed on demand)."""
     enc_model = _load(model)
     if enc_model.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer.json")
@@ -49,10 +55,26 @@ def _run_qkv(model: str, text: str) -> tuple[Any, list[str], list[torch.Tensor],
     maps = capture(enc_model, **batch)
     with torch.no_grad():
         hs = enc_model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    return maps, tokens, list(hs), n_words
+
+    def explain(maps: Any) -> dict[str, torch.Tensor]:
+        def embed(ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+            return mean_pool(enc_model(ids, am), am)
+
+        args = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        return sentence_importances(
+            maps,
+            embed,
+            enc_model.embeddings.word_embeddings,
+            batch["input_ids"],
+            batch["attention_mask"],
+            qkv_model=enc_model,
+            qkv_args=args,
+        )
+
+    return maps, tokens, list(hs), n_words, explain
 
 
-def _run_hf(folder: str, text: str) -> tuple[Any, list[str], list[torch.Tensor], int]:
+def _run_hf(folder: str, text: str) -> tuple[Any, list[str], list[torch.Tensor], int, Explain]:
     """A local Hugging Face checkpoint folder, read offline, on ``attn_implementation="qkv"`` (:mod:`qkv.hf`)."""
     from ..hf import from_pretrained
 
@@ -65,10 +87,20 @@ def _run_hf(folder: str, text: str) -> tuple[Any, list[str], list[torch.Tensor],
     tokens = list(tok.convert_ids_to_tokens(enc["input_ids"][0]))
     maps = capture(model, **enc, output_hidden_states=True, tokens=[tokens])
     hs = list(getattr(maps.output, "hidden_states", None) or ())
-    return maps, tokens, hs, n_words
+
+    def explain(maps: Any) -> dict[str, torch.Tensor]:
+        def embed(ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+            return mean_pool(model(input_ids=ids, attention_mask=am).last_hidden_state, am)
+
+        ids, am = enc["input_ids"], enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
+        return sentence_importances(maps, embed, model.get_input_embeddings(), ids, am)
+
+    return maps, tokens, hs, n_words, explain
 
 
-def run_inspect(text: str, model: str = "minilm", out: str | os.PathLike[str] = "qkv-inspect") -> int:
+def run_inspect(
+    text: str, model: str = "minilm", out: str | os.PathLike[str] = "qkv-inspect", faithfulness: bool = False
+) -> int:
     """Capture, measure and draw the attention of a pretrained model on ``text``; print the strongest heads.
 
     Args:
@@ -77,6 +109,9 @@ def run_inspect(text: str, model: str = "minilm", out: str | os.PathLike[str] = 
             local Hugging Face checkpoint folder (``config.json``, ``*.safetensors``, the tokenizer's files), read
             offline and run by ``transformers`` with ``attn_implementation="qkv"``.
         out: the output folder (created if needed).
+        faithfulness: also score every token by attention, value norms, gradients and leave-one-out, write
+            ``faithfulness.csv`` (Kendall tau and top-3 overlap per pair of methods) and ``importance.png``, and
+            show the importance rows in the viewer (:mod:`qkv.apps.faithfulness`).
 
     Returns:
         0 on success; 2 for empty text, an unknown model or a model that cannot be loaded (with a message on
@@ -86,15 +121,20 @@ def run_inspect(text: str, model: str = "minilm", out: str | os.PathLike[str] = 
         return _error("the text is empty; give some text to run through the model, e.g. qkv inspect 'Hello world.'")
     try:
         if os.path.isdir(model):
-            maps, tokens, hs, n_words = _run_hf(model, text)
+            maps, tokens, hs, n_words, explain = _run_hf(model, text)
         else:
-            maps, tokens, hs, n_words = _run_qkv(model, text)
+            maps, tokens, hs, n_words, explain = _run_qkv(model, text)
     except (ValueError, ImportError, OSError) as e:
         return _error(str(e))
     if n_words > len(tokens):
         print(f"note: the text has {n_words} tokens; the model reads the first {len(tokens)}")
     title = f"qkv inspect: {' '.join(tokens[:12])}{' ...' if len(tokens) > 12 else ''}"
-    report = write_head_report(maps, out, hidden_states=hs or None, title=title)
+    importance = explain(maps) if faithfulness else None
+    report = write_head_report(maps, out, hidden_states=hs or None, title=title, importance=importance)
+    files = list(report.files)
+    if importance is not None:
+        rows, written = write_faithfulness(importance, tokens, out)
+        files = sorted(files + written)
 
     print(f"{model}: {len(maps)} layers x {maps.num_heads[0]} heads on {len(tokens)} tokens")
     for col, what in PATTERNS.items():
@@ -111,5 +151,12 @@ def run_inspect(text: str, model: str = "minilm", out: str | os.PathLike[str] = 
         f"  sink rate {sr['rate']:.2f}: {sr['heads']} of {sr['of']} heads put more than {sr['threshold']} of their"
         f" attention on the first token {tokens[0]} (Gu et al. 2025)"
     )
-    print(f"wrote {', '.join(report.files)} to {out}")
+    if importance is not None:
+        print("  agreement of token importances (Kendall tau, top-3 overlap; word tokens):")
+        for r in rows:
+            if "leave_one_out" in (r["method_a"], r["method_b"]):
+                print(
+                    f"    {r['method_a']:>20} vs {r['method_b']:<20} tau {r['kendall_tau']:+.2f}  top-3 {r['topk_overlap']:.2f}"
+                )
+    print(f"wrote {', '.join(files)} to {out}")
     return 0

@@ -5,6 +5,12 @@ These modules score a query against each key with a small network of their own (
 go through :func:`qkv.attention` and are not :class:`qkv.nn.AttentionModule` s: backends and weight
 capture do not apply. They return their weights with every call instead.
 
+Each has two hook points (:class:`qkv.nn.hooks.HookPoint`), as the attention modules have, so that
+analysis can read and replace what they compute (``qkv.nn.hooked(model, ("*.hook_weights", fn))``):
+``hook_scores`` ``(B, Lq, Lk)``, the scores with masked keys at ``-inf``, before the softmax, and
+``hook_weights`` ``(B, Lq, Lk)``, the weights; a tensor a hook returns replaces the value, and the context
+is computed from it. Without a hook they cost nothing.
+
 Both take a query ``(B, Dq)`` (one decoder step) or ``(B, Lq, Dq)`` (all steps), keys ``(B, Lk, Dk)``
 and optional values ``(B, Lk, Dv)`` (default: the keys), and return ``(context, weights)``.
 A mask is either a bool key mask ``(B, Lk)`` (True = real token, may be attended) or a
@@ -20,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..masks import Mask, Shape
+from .hooks import HookPoint, checked_call
 
 __all__ = ["AdditiveAttention", "LuongAttention"]
 
@@ -69,6 +76,19 @@ def _key_mask(mask: Tensor | Mask | None, B: int, Lq: int, Lk: int, device: torc
     return mask.to(device)[:, None, :]
 
 
+def _hooked_weights(hs: HookPoint, hw: HookPoint, scores: Tensor, keep: Tensor | None, who: str) -> Tensor:
+    """Softmax of ``scores (B, Lq, Lk)`` under ``keep``, through the hook points when either is hooked."""
+    if hs.active:
+        if keep is not None:
+            scores = scores.masked_fill(~keep.expand_as(scores), float("-inf"))
+        scores = checked_call(hs, f"{who}.hook_scores", scores)
+        keep = torch.isfinite(scores) if keep is None else keep & torch.isfinite(scores)
+    w = _masked_softmax(scores, keep)
+    if hw.active:
+        w = checked_call(hw, f"{who}.hook_weights", w)
+    return w
+
+
 def _masked_softmax(scores: Tensor, keep: Tensor | None) -> Tensor:
     """Softmax over the last dim of ``scores (B, Lq, Lk)``; rows with nothing kept are all zeros."""
     if keep is None:
@@ -104,6 +124,8 @@ class AdditiveAttention(nn.Module):
         self.W = nn.Linear(query_dim, hidden, bias=False)
         self.U = nn.Linear(key_dim, hidden, bias=True)
         self.v = nn.Linear(hidden, 1, bias=False)
+        self.hook_scores = HookPoint()
+        self.hook_weights = HookPoint()
 
     def project_keys(self, keys: Tensor) -> Tensor:
         """``U k`` for keys ``(B, Lk, Dk)`` -> ``(B, Lk, hidden)``; pass it as ``projected_keys`` to
@@ -140,7 +162,8 @@ class AdditiveAttention(nn.Module):
                 f"got shape {tuple(uk.shape)}"
             )
         scores = self.v(torch.tanh(self.W(q3)[:, :, None, :] + uk[:, None, :, :])).squeeze(-1)  # (B, Lq, Lk)
-        w = _masked_softmax(scores, _key_mask(mask, B, Lq, Lk, keys.device, "AdditiveAttention"))
+        keep = _key_mask(mask, B, Lq, Lk, keys.device, "AdditiveAttention")
+        w = _hooked_weights(self.hook_scores, self.hook_weights, scores, keep, "AdditiveAttention")
         ctx = torch.bmm(w, v)
         return (ctx[:, 0], w[:, 0]) if single else (ctx, w)
 
@@ -185,6 +208,8 @@ class LuongAttention(nn.Module):
         elif score == "concat":
             self.W_a = nn.Linear(query_dim + kd, hidden, bias=False)
             self.v_a = nn.Linear(hidden, 1, bias=False)
+        self.hook_scores = HookPoint()
+        self.hook_weights = HookPoint()
 
     def forward(
         self, query: Tensor, keys: Tensor, values: Tensor | None = None, *, mask: Tensor | Mask | None = None
@@ -213,6 +238,7 @@ class LuongAttention(nn.Module):
             wq = q3 @ self.W_a.weight[:, : self.query_dim].T
             wk = keys @ self.W_a.weight[:, self.query_dim :].T
             scores = self.v_a(torch.tanh(wq[:, :, None, :] + wk[:, None, :, :])).squeeze(-1)
-        w = _masked_softmax(scores, _key_mask(mask, B, Lq, Lk, keys.device, "LuongAttention"))
+        keep = _key_mask(mask, B, Lq, Lk, keys.device, "LuongAttention")
+        w = _hooked_weights(self.hook_scores, self.hook_weights, scores, keep, "LuongAttention")
         ctx = torch.bmm(w, v)
         return (ctx[:, 0], w[:, 0]) if single else (ctx, w)

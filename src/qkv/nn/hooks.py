@@ -103,6 +103,11 @@ def _checked(name: str, before: Tensor, after: Any) -> Tensor:
     return after
 
 
+def checked_call(hp: HookPoint, name: str, x: Tensor) -> Tensor:
+    """``hp(x)``: the value after ``hp``'s hooks, checked to keep ``x``'s shape (``ValueError`` naming ``name``)."""
+    return _checked(name, x, hp(x))
+
+
 def _run(hp: HookPoint, name: str, x: Tensor) -> tuple[Tensor, bool]:
     """``hp(x)`` checked, and whether the hook replaced ``x`` or changed it in place."""
     version = x._version
