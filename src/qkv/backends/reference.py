@@ -69,6 +69,9 @@ class Reference(Backend):
     name = "reference"
     takes_sinks = True
 
+    def traceable(self, req: Request) -> str | None:
+        return None  # tensor operations only
+
     def cost(self, req: Request) -> float:
         s = req.flops / FLOPS + req.B * req.H * req.Lq * req.Lk * PAIR_S + CALL_S
         return 3.0 * s if req.requires_grad else s
