@@ -602,6 +602,10 @@ class Flex(Backend):
         q, k, v = req.q, req.k, req.v
         if not req.requires_grad:  # FlexAttention refuses CPU inputs that require grad even under no_grad
             q, k, v = q.detach(), k.detach(), v.detach()
+        if tracing() and req.device.type == "cpu":
+            # inductor's CPU template reads a 4-D layout from its inputs' buffers (torch 2.13), which a
+            # projection viewed as heads does not have: "not enough values to unpack (expected 4, got 2)"
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         score_mod = None
         if req.score_mod is not None:
             score_mod = req.score_mod.to(req.device).score_mod(req.Lq, req.Lk, req.B, req.H)
