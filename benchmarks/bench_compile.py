@@ -7,16 +7,19 @@ document and padding masks, as ratios measured in the same run (issue 20).
 
 Each case is one model and one mask built inside the compiled function from the batch's tensors
 (document ids, lengths), so the graph takes them as inputs. Eager runs ``backend="auto"`` as a user
-would (on the CPU ``tiled`` where the mask leaves tiles empty); compiled is ``torch.compile(...,
+would (on the CPU ``tiled`` where the mask leaves tiles empty), and "eager sdpa" the same model with
+every layer on ``sdpa`` (``qkv.nn.set_backend``), the eager peer of what the graph runs; compiled is ``torch.compile(...,
 fullgraph=True)`` with inductor, so a graph break would fail the case. ms are medians of interleaved
 rounds (eager and compiled one call each per round) after a warm-up; "compile s" is the first compiled
-call; "ratio" is eager ms / compiled ms (above 1: compiled is faster); "backend" is what ``auto`` picks
+call; "ratio" is eager ms / compiled ms (above 1: compiled is faster), "vs sdpa" eager sdpa ms /
+compiled ms; "backend" is what ``auto`` picks
 inside the graph (``qkv.explain(..., compiled=True)``). ``rows()`` is what ``gpu_check.py`` runs on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import time
@@ -32,7 +35,7 @@ from qkv.backends import flex as FX
 from qkv.models import GPT, TransformerEncoder
 
 V = 1000
-HEADER = ("model", "mask", "L", "backend", "eager ms", "compiled ms", "ratio", "compile s")
+HEADER = ("model", "mask", "L", "backend", "eager ms", "eager sdpa ms", "compiled ms", "ratio", "vs sdpa", "compile s")
 
 
 def _doc_ids(B: int, L: int, docs: int) -> Tensor:
@@ -96,7 +99,7 @@ def rows(
     out: list[tuple[str, ...]] = []
     for (model_name, mask_name), (make, make_mask, kind) in cases(L, window).items():
         if time.perf_counter() - start > budget:
-            out.append((model_name, mask_name, str(L), "-", "-", "-", "-", "skipped (budget)"))
+            out.append((model_name, mask_name, str(L), "-", "-", "-", "-", "-", "-", "skipped (budget)"))
             emit(out[-1])
             continue
         torch.manual_seed(0)
@@ -122,7 +125,7 @@ def rows(
         try:
             row = _case(model_name, mask_name, L, model, make_mask, f, compiled, x, t, rounds, sync)
         except Exception as e:  # a case that does not compile is a row, not the end of the run
-            row = (model_name, mask_name, str(L), "-", "-", "-", "-", f"error: {type(e).__name__}: {str(e)[:80]}")
+            row = (model_name, mask_name, str(L), "-", "-", "-", "-", "-", "-", f"error: {type(e).__name__}: {str(e)[:80]}")
         out.append(row)
         emit(row)
     torch._dynamo.reset()
@@ -135,7 +138,7 @@ def _case(
     L: int,
     model: nn.Module,
     make_mask: Any,
-    f: Callable[[Tensor, Tensor], Tensor],
+    f: Callable[..., Tensor],
     compiled: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
     t: Tensor,
@@ -154,8 +157,10 @@ def _case(
         compiled(x, t)
         sync()
         compile_s = time.perf_counter() - t0
+        on_sdpa = qkv.nn.set_backend(copy.deepcopy(model), "sdpa")
         peers: dict[str, Callable[[], Any]] = {
             "eager": functools.partial(f, x, t),
+            "sdpa": functools.partial(f, x, t, on_sdpa),
             "compiled": functools.partial(compiled, x, t),
         }
         ms = _median_ms(peers, rounds, sync)
@@ -166,8 +171,10 @@ def _case(
         str(L),
         backend,
         f"{ms['eager']:.1f}",
+        f"{ms['sdpa']:.1f}",
         f"{ms['compiled']:.1f}",
         f"{ratio:.2f}",
+        f"{ms['sdpa'] / ms['compiled']:.2f}",
         f"{compile_s:.1f}",
     )
 
@@ -178,7 +185,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--flex", action="store_true", help="let auto pick FlexAttention inside the graph on the CPU")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a busy machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     L, window, rounds = (512, 128, 3) if args.quick else (args.tokens, 256, args.rounds)
     cfg = torch._dynamo.config
     for limit in ("recompile_limit", "cache_size_limit"):

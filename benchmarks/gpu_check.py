@@ -419,10 +419,10 @@ def main() -> int:
         for line in targets(spd, 256 if args.cpu_smoke else 16384):
             print("  " + line)
     if cmp:
-        done = [r for r in cmp if r[6] != "-"]
+        done = [r for r in cmp if r[7] != "-"]
         print(f"  compile: {len(done)} of {len(cmp)} cases compiled with fullgraph=True (eager ms / compiled ms):")
         for r in done:
-            print(f"    {r[0]} {r[1]}: {r[6]}x ({r[3]} in the graph)")
+            print(f"    {r[0]} {r[1]}: {r[7]}x, {r[8]}x eager sdpa ({r[3]} in the graph)")
     bad = any(r[3] in ("FAIL", "ERROR") for r in conf)
     return 1 if bad else 0
 
