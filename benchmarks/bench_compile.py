@@ -3,7 +3,8 @@ document and padding masks, as ratios measured in the same run (issue 20).
 
     PYTHONPATH=src python benchmarks/bench_compile.py            # 2k tokens, d=128, 2 layers, 4 heads
     PYTHONPATH=src python benchmarks/bench_compile.py --quick    # 512 tokens, 3 rounds
-    ... --flex      also compile with FlexAttention opted in (qkv.backends.flex.allow_compile(True))
+    ... --flex      let auto put FlexAttention in the graph on the CPU (allow_compile(True) for the
+                    compiled calls only: the eager peers keep qkv's default, tiled)
 
 Each case is one model and one mask built inside the compiled function from the batch's tensors
 (document ids, lengths), so the graph takes them as inputs. Eager runs ``backend="auto"`` as a user
@@ -86,9 +87,11 @@ def rows(
     rounds: int = 5,
     budget: float = float("inf"),
     emit: Callable[[tuple[str, ...]], None] = lambda r: None,
+    flex: bool | None = None,
 ) -> list[tuple[str, ...]]:
     """Eager and compiled ms of every case on ``dev`` (inference, ``torch.no_grad``); one row per case
-    (see :data:`HEADER`). Stops starting cases after ``budget`` seconds."""
+    (see :data:`HEADER`). Stops starting cases after ``budget`` seconds. ``flex``: whether ``auto`` may
+    compile FlexAttention on the CPU (``allow_compile``) in the compiled calls; ``None`` leaves it be."""
     cuda = dev.type == "cuda"
 
     def sync() -> None:
@@ -121,9 +124,19 @@ def rows(
         def f(x: Tensor, t: Tensor, model: nn.Module = model, make_mask: Any = make_mask) -> Tensor:
             return model(x, mask=make_mask(t))
 
-        compiled = torch.compile(f, fullgraph=True)
+        graph = torch.compile(f, fullgraph=True)
+
+        def compiled(x: Tensor, t: Tensor, graph: Callable[..., Tensor] = graph) -> Tensor:
+            if flex is None:
+                return graph(x, t)
+            old = FX.allow_compile(flex)  # dynamo guards on the flag: the same value at every call
+            try:
+                return graph(x, t)
+            finally:
+                FX.allow_compile(old)
+
         try:
-            row = _case(model_name, mask_name, L, model, make_mask, f, compiled, x, t, rounds, sync)
+            row = _case(model_name, mask_name, L, model, make_mask, f, compiled, x, t, rounds, sync, flex)
         except Exception as e:  # a case that does not compile is a row, not the end of the run
             row = (model_name, mask_name, str(L), "-", "-", "-", "-", "-", "-", f"error: {type(e).__name__}: {str(e)[:80]}")
         out.append(row)
@@ -144,6 +157,7 @@ def _case(
     t: Tensor,
     rounds: int,
     sync: Callable[[], None],
+    flex: bool | None,
 ) -> tuple[str, ...]:
     """One row: what auto picks inside the graph, the first compiled call, then the interleaved rounds."""
     dtype = next(model.parameters()).dtype
@@ -152,7 +166,11 @@ def _case(
         mask = make_mask(t)
         if isinstance(model, GPT):  # the model ANDs its own mask with the one it is given
             mask = model.mask if mask is None else model.mask & mask
-        backend = qkv.explain(q, q, q, mask=mask, compiled=True).backend
+        old = FX.allow_compile(flex) if flex is not None else FX.compile_allowed()
+        try:
+            backend = qkv.explain(q, q, q, mask=mask, compiled=True).backend
+        finally:
+            FX.allow_compile(old)
         t0 = time.perf_counter()
         compiled(x, t)
         sync()
@@ -195,13 +213,13 @@ def main() -> None:
         if hasattr(cfg, limit):
             setattr(cfg, limit, max(64, getattr(cfg, limit)))
             break
-    FX.allow_compile(args.flex)
     print(
         f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; d=128, 2 layers, 4 heads, B=2, L={L},"
         f" float32, inference; median of {rounds} interleaved rounds; flex opted in: {args.flex}"
     )
     print("  " + " | ".join(HEADER), flush=True)
-    rows(torch.device("cpu"), L=L, window=window, rounds=rounds, emit=lambda r: print("  " + " | ".join(r), flush=True))
+    emit = lambda r: print("  " + " | ".join(r), flush=True)  # noqa: E731
+    rows(torch.device("cpu"), L=L, window=window, rounds=rounds, emit=emit, flex=args.flex or None)
 
 
 if __name__ == "__main__":
