@@ -146,3 +146,24 @@ def test_mask_values_are_still_checked_in_eager_calls() -> None:
     q, k, v = qkv_inputs()
     with pytest.raises(ValueError, match="kv_lengths must lie in"):
         qkv.attention(q, k, v, mask=M.padding(torch.tensor([65, 3])))
+
+
+def test_too_large_for_a_dense_mask_in_a_graph_runs_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where sdpa's dense mask (and reference's scores) would not fit in the free memory the graph was
+    traced against, auto runs outside the graph (tiled, eager: one graph break) rather than build it."""
+    from qkv.backends import sdpa
+
+    monkeypatch.setattr(sdpa, "CHECK_MEMORY_ABOVE", 0)  # shrink the problem: any dense mask is checked,
+    monkeypatch.setitem(sdpa._FREE_SEEN, "cpu", 1 << 19)  # and 512 KiB are free
+    q = torch.randn(1, 2, 256, 16)  # its dense mask: 1x2x256x256 float32 = 512 KiB
+    mask = M.causal() & M.sliding_window(50)
+    inside = qkv.explain(q, q, q, mask=mask, compiled=True)
+    assert inside.backend == "auto" and "outside the graph" in inside.reason
+    assert "GiB free" in inside.declined["sdpa"] and "GiB free" in inside.declined["reference"]
+
+    def f(q: Tensor) -> Tensor:
+        return qkv.attention(q * 1.5, q, q, mask=mask) + 1
+
+    assert explain(f, q).graph_break_count == 1
+    got = torch.compile(f, backend="eager")(q)
+    close(got, ref64(q * 1.5, q, q, mask=mask) + 1)
