@@ -3,7 +3,7 @@
     PYTHONPATH=src python3 benchmarks/gpu_check.py                 # on a CUDA machine, < 8 minutes
     PYTHONPATH=src python3 benchmarks/gpu_check.py --cpu-smoke     # on any CPU: tiny sizes, proves it runs
     ... --static          compile flex with static shapes on CUDA (if automatic dynamic shapes fail)
-    ... --only speed      skip the conformance part (or --only conformance)
+    ... --only speed      skip the other parts (or --only conformance, --only compile)
 
 1. Conformance: ``sdpa``, ``flex`` and ``tiled`` on CUDA against ``reference`` in float64, forward and
    backward, fp16 and bf16, for every mask kind (GQA 4 on 2, Lq=200 != Lk=300, not multiples of the
@@ -19,6 +19,10 @@
    only unmasked work: ``4 * D * pairs`` per forward, 3.5 times that for forward+backward.
    Targets (issue 12): qkv flex within 1.1x of raw flex, and >= 5x SDPA with a dense mask, for the
    window at 16k.
+3. Compile (issue 20): ``benchmarks/bench_compile.py``'s rows on CUDA in bf16 at 4k tokens: GPT and an
+   encoder with causal, window, document and padding masks, eager against ``torch.compile(fullgraph=True)``
+   (what ``auto`` picks inside the graph, the compile seconds). Runs only if budget is left, or alone
+   with ``--only compile``.
 
 The script stops starting new work after ``--budget`` seconds (default 450; the conformance part
 gets 55% of it unless run alone) and lists what it skipped: rerun with ``--only`` to finish it.
@@ -35,6 +39,7 @@ from typing import Any
 
 import torch
 
+import bench_compile  # benchmarks/ is the script's directory, so on sys.path
 import qkv
 from qkv import masks as M
 from qkv import scores as S
@@ -330,6 +335,22 @@ def speed(dev: torch.device, smoke: bool, budget: float) -> list[tuple[str, ...]
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# compile
+
+
+def compile_rows(dev: torch.device, smoke: bool, budget: float) -> list[tuple[str, ...]]:
+    """``bench_compile.rows`` on ``dev``: bf16 at 4k tokens (float32 at 256 with ``--cpu-smoke``)."""
+    L, window, dtype, rounds = (256, 64, torch.float32, 2) if smoke else (4096, 1024, torch.bfloat16, 10)
+    left = budget - elapsed()
+    print(f"\ncompile on {dev}: {L} tokens, {dtype}, eager against torch.compile(fullgraph=True), {left:.0f} s left")
+    print("  " + " | ".join(bench_compile.HEADER), flush=True)
+    return bench_compile.rows(
+        dev, L=L, window=window, dtype=dtype, rounds=rounds, budget=left,
+        emit=lambda r: print("  " + " | ".join(r), flush=True),
+    )  # fmt: skip
+
+
 def targets(rows: list[tuple[str, ...]], L: int) -> list[str]:
     """The issue's GPU targets, from the speed table: window at ``L``, forward and forward+backward."""
     out = []
@@ -354,7 +375,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-smoke", action="store_true", help="run on the CPU at tiny sizes (proves the script runs)")
     p.add_argument("--static", action="store_true", help="compile flex with static shapes on CUDA")
-    p.add_argument("--only", choices=("conformance", "speed"))
+    p.add_argument("--only", choices=("conformance", "speed", "compile"))
     p.add_argument("--budget", type=float, default=450.0, help="seconds after which no new work starts")
     args = p.parse_args()
     cfg = torch._dynamo.config  # raw flex recompiles per mask and shape: keep it compiled past dynamo's 8
@@ -376,11 +397,14 @@ def main() -> int:
     FX.allow_compile(True)
     conf: list[tuple[str, ...]] = []
     spd: list[tuple[str, ...]] = []
+    cmp: list[tuple[str, ...]] = []
     try:
-        if args.only != "speed":  # leave the speed table at least 45% of the budget
+        if args.only in (None, "conformance"):  # leave the speed table at least 45% of the budget
             conf = conformance(dev, args.cpu_smoke, args.budget * (1.0 if args.only else 0.55))
-        if args.only != "conformance":
+        if args.only in (None, "speed"):
             spd = speed(dev, args.cpu_smoke, args.budget)
+        if args.only in (None, "compile"):
+            cmp = compile_rows(dev, args.cpu_smoke, args.budget)
     except Exception:
         traceback.print_exc()
     print(f"\nsummary after {elapsed():.0f} s (flex: {FX.STATS.compiles} compiles, {FX.STATS.block_masks} block masks)")
@@ -394,6 +418,11 @@ def main() -> int:
     if spd:
         for line in targets(spd, 256 if args.cpu_smoke else 16384):
             print("  " + line)
+    if cmp:
+        done = [r for r in cmp if r[7] != "-"]
+        print(f"  compile: {len(done)} of {len(cmp)} cases compiled with fullgraph=True (eager ms / compiled ms):")
+        for r in done:
+            print(f"    {r[0]} {r[1]}: {r[7]}x, {r[8]}x eager sdpa ({r[3]} in the graph)")
     bad = any(r[3] in ("FAIL", "ERROR") for r in conf)
     return 1 if bad else 0
 

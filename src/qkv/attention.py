@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .backends import Request
+from .backends.base import assume_traced
 from .backends.policy import choose, resolve
 from .masks import MaskLike, as_mask
 from .scores import ScoreMod, ScoreModFn, as_score_mod
@@ -173,6 +174,7 @@ def explain(
     dropout_p: float = 0.0,
     sinks: Tensor | None = None,
     return_weights: bool = False,
+    compiled: bool = False,
     **options: Any,
 ) -> Explanation:
     """Which backend ``qkv.attention(q, k, v, ...)`` with ``backend="auto"`` would use, and why.
@@ -180,9 +182,16 @@ def explain(
     Takes the same arguments as :func:`attention` (inputs are validated the same way) and
     computes nothing. Every backend that could serve the request gives its estimated cost (the
     cheapest is picked); every other backend gives its reason. ``str()`` of the result reads as a
-    sentence followed by one line per backend."""
+    sentence followed by one line per backend.
+
+    ``compiled=True`` says what ``auto`` does with this request inside ``torch.compile`` (or
+    ``torch.export``): it picks among the backends that trace into the graph, from shapes and the mask's
+    structure alone, once per graph (see :mod:`qkv.backends.policy`)."""
+    if not isinstance(compiled, bool):
+        raise TypeError(f"compiled must be a bool, got {type(compiled).__name__}")
     req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
-    c = choose(req)
+    with assume_traced(compiled):
+        c = choose(req)
     return Explanation(c.backend, c.reason, c.declined, c.costs, repr(req.mask) if req.mask is not None else "")
 
 

@@ -295,10 +295,17 @@ def _evaluate_tiles(m: Mask, s: Shape, bq: int, bk: int) -> tuple[Tensor, Tensor
 # algebra
 
 
+def _tracing() -> bool:
+    """Whether this code is being traced into a graph (``torch.compile``, ``torch.export``): then masks
+    read no tensor values (checks of ids, lengths and positions against the shape are skipped there;
+    they run in eager calls)."""
+    return torch.compiler.is_compiling()
+
+
 def _tensor_key(t: Tensor) -> Hashable | None:
     """A content key for a small tensor a mask holds (ids, lengths, layouts); ``None`` when large or
     while tracing (a compiled region must not read tensor contents)."""
-    if t.numel() > 1 << 18 or torch.compiler.is_compiling():
+    if t.numel() > 1 << 18 or _tracing():
         return None
     return (str(t.dtype), tuple(t.shape), t.detach().cpu().contiguous().numpy().tobytes())
 
@@ -525,7 +532,7 @@ class _KeyBelow(PositionalMask):
                 f"{self.what} must be an int or hold one length per batch row: got shape {tuple(n.shape)}"
                 f" for batch size B={s.B}"
             )
-        if n.numel() and (int(n.min()) < 0 or (self.bounded and int(n.max()) > L)):
+        if n.numel() and not _tracing() and (int(n.min()) < 0 or (self.bounded and int(n.max()) > L)):
             raise ValueError(
                 f"{self.what} must lie in [0, {L}] ({'Lk' if self.axis == 'k' else 'Lq'}={L}),"
                 f" got values in [{int(n.min())}, {int(n.max())}]"
@@ -588,7 +595,7 @@ class _KeyFrom(PositionalMask):
                 f"left_padding: starts must be an int or hold one start per batch row: got shape {tuple(st.shape)}"
                 f" for batch size B={s.B}"
             )
-        if st.numel() and (int(st.min()) < 0 or int(st.max()) > s.Lk):
+        if st.numel() and not _tracing() and (int(st.min()) < 0 or int(st.max()) > s.Lk):
             raise ValueError(
                 f"left_padding: starts must lie in [0, {s.Lk}] (Lk={s.Lk}), got values in"
                 f" [{int(st.min())}, {int(st.max())}]"
@@ -693,7 +700,7 @@ class _Global(PositionalMask):
         return None if idx is None else ("global", idx)
 
     def check(self, s: Shape) -> None:
-        if self.idx.numel() and (int(self.idx.min()) < 0 or int(self.idx.max()) >= s.Lk):
+        if self.idx.numel() and not _tracing() and (int(self.idx.min()) < 0 or int(self.idx.max()) >= s.Lk):
             raise ValueError(
                 f"global_tokens: positions must lie in [0, Lk={s.Lk}), got [{int(self.idx.min())}, "
                 f"{int(self.idx.max())}]"
@@ -770,8 +777,18 @@ class _Document(Mask):
         return qi[bq, q] == ki[bk, k]
 
     def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        qmin, qmax = _block_minmax(_ids_2d(self.q_ids.to(qlo.device)), s.Lq, qlo.shape[0], int((qhi - qlo).max()))
-        kmin, kmax = _block_minmax(_ids_2d(self.kv_ids.to(qlo.device)), s.Lk, klo.shape[1], int((khi - klo).max()))
+        bq, bk = int((qhi - qlo).max()), int((khi - klo).max())
+        return self._minmax_bounds(s, bq, bk, qlo.shape[0], klo.shape[1], qlo.device)
+
+    def _any_all(self, s: Shape, bq: int, bk: int) -> tuple[Tensor, Tensor]:
+        # the block sizes as numbers: no tensor value is read, so this traces into a compiled graph
+        return self._minmax_bounds(s, bq, bk, -(-s.Lq // bq), -(-s.Lk // bk), s.device)
+
+    def _minmax_bounds(
+        self, s: Shape, bq: int, bk: int, nq: int, nk: int, dev: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        qmin, qmax = _block_minmax(_ids_2d(self.q_ids.to(dev)), s.Lq, nq, bq)
+        kmin, kmax = _block_minmax(_ids_2d(self.kv_ids.to(dev)), s.Lk, nk, bk)
         # (Bi, nq, 1) against (Bi, 1, nk)
         qmin, qmax, kmin, kmax = qmin[:, :, None], qmax[:, :, None], kmin[:, None, :], kmax[:, None, :]
         any_ = (qmin <= kmax) & (kmin <= qmax)
@@ -797,9 +814,9 @@ class _Document(Mask):
 def _block_minmax(ids: Tensor, L: int, n: int, block: int) -> tuple[Tensor, Tensor]:
     """Per-block min and max of ``ids (Bi, L)`` over blocks of ``block``: two ``(Bi, n)`` tensors."""
     pad = n * block - L
-    big = int(ids.abs().max()) + 1 if ids.numel() else 1  # padding that never wins a min or a max
-    lo = torch.nn.functional.pad(ids, (0, pad), value=big).view(ids.shape[0], n, block)
-    hi = torch.nn.functional.pad(ids, (0, pad), value=-big).view(ids.shape[0], n, block)
+    info = torch.iinfo(ids.dtype)  # padding that never wins a min or a max (read from no tensor value)
+    lo = torch.cat((ids, ids.new_full((ids.shape[0], pad), info.max)), dim=1).view(ids.shape[0], n, block)
+    hi = torch.cat((ids, ids.new_full((ids.shape[0], pad), info.min)), dim=1).view(ids.shape[0], n, block)
     return lo.amin(-1), hi.amax(-1)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,31 @@ from torch import Tensor
 
 from ..masks import Mask, Shape
 from ..scores import ScoreMod
+
+_assume_traced = False
+
+
+def tracing() -> bool:
+    """Whether the caller is being traced into a graph (``torch.compile``, ``torch.export``), or
+    :func:`assume_traced` is on. Then nothing may read tensor values (``.item()``, ``.tolist()``,
+    ``bool(t)``) or files: each would be a graph break, or an error under ``fullgraph=True``. The
+    backend choice made while tracing is Python run once at trace time, not part of the graph;
+    ``torch.compile`` caches it with the graph, under its guards (mask structure, shapes, dtype,
+    device)."""
+    return _assume_traced or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def assume_traced(flag: bool = True) -> Iterator[None]:
+    """Make :func:`tracing` answer ``flag`` (or the truth, when ``False``) inside: how
+    :func:`qkv.explain` (``compiled=True``) shows what ``auto`` does inside ``torch.compile``
+    without compiling."""
+    global _assume_traced
+    old, _assume_traced = _assume_traced, flag
+    try:
+        yield
+    finally:
+        _assume_traced = old
 
 
 @dataclass(frozen=True)
@@ -128,6 +155,16 @@ class Backend:
         why only a caller who names it may (say, it would first compile for tens of seconds). Default:
         ``None``."""
         return None
+
+    def traceable(self, req: Request) -> str | None:
+        """``None`` when :meth:`plan` and :meth:`run` trace into a ``torch.compile`` / ``torch.export``
+        graph for ``req`` with no graph break: they read no tensor values and no files, and decide only
+        from shapes, dtypes, devices and the mask's structure (see :func:`tracing`). Otherwise the
+        reason. Inside a compiled region ``auto`` picks among the backends that say ``None``; a backend
+        named there that does not runs outside the graph (``torch.compiler.disable``: one graph break
+        per call). Default: the reason that the backend did not say (a backend registered from outside
+        must opt in)."""
+        return f"{self.name} does not say that it traces into a torch.compile graph (Backend.traceable)"
 
     def plan(self, req: Request) -> Any:
         """What this backend decides before computing ``req`` (tile classification, a block mask), as

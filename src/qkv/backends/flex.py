@@ -59,7 +59,7 @@ from torch import Tensor
 
 from ..masks import FULL, PARTIAL, Mask, Shape
 from ..scores import ScoreMod
-from .base import Backend, Request
+from .base import Backend, Request, tracing
 from .kernels import FUSED_CALL_S, FUSED_FLOPS, compute_dtype, sink_forward
 from .plan import PLANS
 from .registry import register
@@ -153,11 +153,19 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
+_SEQ_LENGTHS = (
+    _fa is not None
+    and hasattr(_fa, "BlockMask")
+    and hasattr(_fa.BlockMask, "from_kv_blocks")
+    and "seq_lengths" in inspect.signature(_fa.BlockMask.from_kv_blocks).parameters
+)
+
+
 def _from_kv_blocks(
     kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor, block: int, mask_mod: Any, Lq: int, Lk: int
 ) -> Any:
     kw: dict[str, Any] = {"BLOCK_SIZE": block, "mask_mod": mask_mod}
-    if "seq_lengths" in inspect.signature(_fa.BlockMask.from_kv_blocks).parameters:
+    if _SEQ_LENGTHS:
         kw["seq_lengths"] = (Lq, Lk)
     return _fa.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kw)
 
@@ -175,18 +183,21 @@ def block_mask(mask: Mask, shape: Shape, block: int = BLOCK) -> Any:
     """
     if _fa is None:  # pragma: no cover - torch < 2.5
         raise NotImplementedError("FlexAttention needs torch >= 2.5")
-    kinds = mask.block_kinds(shape, block, block).clone()
+    kinds = mask.block_kinds(shape, block, block)
+    nq, nk = kinds.shape[-2:]
+    # a block over the end of the queries or keys is never full (no in-place write: this traces)
+    edge = torch.zeros(nq, nk, dtype=torch.bool, device=kinds.device)
     if shape.Lq % block:
-        tail = kinds[..., -1, :]
-        tail[tail == FULL] = PARTIAL
+        edge = edge | (torch.arange(nq, device=kinds.device) == nq - 1).view(-1, 1)
     if shape.Lk % block:
-        tail = kinds[..., :, -1]
-        tail[tail == FULL] = PARTIAL
-    mask.to(shape.device)
+        edge = edge | (torch.arange(nk, device=kinds.device) == nk - 1).view(1, -1)
+    kinds = torch.where(edge & (kinds == FULL), torch.full_like(kinds, PARTIAL), kinds)
+    if not tracing():  # traced, the mask's tensors are the graph's, on the device of the queries
+        mask.to(shape.device)
+        STATS.block_masks += 1
     kv_num, kv_idx = _ordered(kinds == PARTIAL)
     full_num, full_idx = _ordered(kinds == FULL)
     mod = mask.mask_mod(shape.Lq, shape.Lk, shape.B, shape.H)
-    STATS.block_masks += 1
     return _from_kv_blocks(kv_num, kv_idx, full_num, full_idx, block, mod, shape.Lq, shape.Lk)
 
 
@@ -212,10 +223,29 @@ def _build(mask: Mask | None, shape: Shape, block: int) -> FlexPlan:
     if mask is None or mask.is_full or shape.Lq == 0 or shape.Lk == 0:
         return FlexPlan(shape, block, None, 1.0, 0.0)
     bm = block_mask(mask, shape, block)
+    if tracing():  # the shares are read from the block mask's values: estimated from the structure
+        live, partial = _static_fractions(mask, shape, block)
+        return FlexPlan(shape, block, bm, live, partial)
     nk = max(1, bm.kv_indices.shape[-1])  # key blocks per query block
     partial = float(bm.kv_num_blocks.double().mean()) / nk
     full = float(bm.full_kv_num_blocks.double().mean()) / nk
     return FlexPlan(shape, block, bm, partial + full, partial)
+
+
+def _static_fractions(mask: Mask | None, shape: Shape, block: int) -> tuple[float, float]:
+    """``(live, partial)`` shares of block pairs estimated from the mask's structure alone, for requests
+    traced into a graph (which serves every batch of a shape, whatever its ids or lengths): a sliding
+    window (``causal()`` included) visits about its width plus a block of each key row, with about two
+    partial blocks (its edges); a mask whose blocks depend on tensor values (documents, padding) is
+    taken to visit every block, each with its ``mask_mod``."""
+    if mask is None or mask.is_full or shape.Lk == 0:
+        return 1.0, 0.0
+    w = mask.window()
+    if w is None:
+        return 1.0, 1.0
+    left, right = (shape.Lk if x is None else min(x, shape.Lk) for x in w)
+    live = min(1.0, (left + right + 1 + block) / shape.Lk)
+    return live, min(live, 2 * block / shape.Lk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,6 +484,8 @@ class Flex(Backend):
             return None
         if req.dtype == torch.float64:
             return "compiled FlexAttention takes float32, bfloat16 and float16 (compile=False runs float64)"
+        if tracing():  # the caller's torch.compile compiles the kernel, with its own backend and limits
+            return None
         if req.device.type == "cpu":
             why = _cpu_compile_blocker()
             if why is not None:
@@ -470,7 +502,19 @@ class Flex(Backend):
             )
         return None
 
+    def traceable(self, req: Request) -> str | None:
+        if req.return_weights:
+            return "its weights on demand are cut into chunks from the logsumexp's values"
+        return None  # the BlockMask is built in the graph from the mask's block classification
+
     def auto_blocker(self, req: Request) -> str | None:
+        if tracing():
+            if req.device.type == "cpu" and self.compiled(req) and not compile_allowed():
+                return (
+                    "on the CPU inductor compiles a FlexAttention kernel per shape and mask structure (6-30 s"
+                    f" more); opt in with qkv.backends.flex.allow_compile(True) or {ENV}=1"
+                )
+            return None
         if req.device.type == "cpu" and self.compiled(req) and not compile_allowed() and not self.ready(req):
             return (
                 "flex would compile its kernel for this shape first (6-30 s on a CPU); opt in with"
@@ -482,6 +526,8 @@ class Flex(Backend):
     def plan(self, req: Request) -> FlexPlan:
         """The cached :class:`FlexPlan` (with its ``BlockMask``) of the request's mask, shape and block."""
         b = _block(req)
+        if tracing():  # built in the graph: a document mask's BlockMask follows the ids of each batch
+            return _build(req.mask, req.shape, b)
         return PLANS.get(req.mask, ("flex", req.shape, b), lambda: _build(req.mask, req.shape, b))
 
     def kernel_key(self, req: Request) -> Hashable:
@@ -505,17 +551,23 @@ class Flex(Backend):
         """Whether the compiled kernel for ``req`` already ran (a call will not compile)."""
         return KERNELS.ready(self.kernel_key(req), self._sig(req))
 
-    def cost(self, req: Request) -> float:
+    def _fractions(self, req: Request) -> tuple[float, float]:
+        if tracing():
+            return _static_fractions(req.mask, req.shape, _block(req))
         plan = self.plan(req)
+        return plan.live, plan.partial
+
+    def cost(self, req: Request) -> float:
+        live, partial = self._fractions(req)
         pairs = req.B * req.H * req.Lq * req.Lk
-        work = req.flops * plan.live
+        work = req.flops * live
         if not self.compiled(req):
             s = req.flops / EAGER_FLOPS + pairs * 4 * PARTIAL_PAIR_S
         elif req.device.type == "cuda":
             s = work / (FUSED_FLOPS * CUDA_VS_FUSED) + FUSED_CALL_S
         else:
             s = work / CPU_FLOPS.get(req.dtype, min(CPU_FLOPS.values()))
-        s += pairs * plan.partial * PARTIAL_PAIR_S + CALL_S
+        s += pairs * partial * PARTIAL_PAIR_S + CALL_S
         if req.requires_grad:
             s *= 3.0
         if req.return_weights:
@@ -523,6 +575,12 @@ class Flex(Backend):
         return s
 
     def describe(self, req: Request) -> str:
+        if tracing():
+            live, partial = self._fractions(req)
+            what = "no mask: every block" if req.mask is None or req.mask.is_full else (
+                f"mask {req.mask!r}: a BlockMask built in the graph, ~{live:.0%} of blocks visited by its structure"
+            )
+            return f"FlexAttention in the caller's compiled graph; {what}"
         plan = self.plan(req)
         if plan.block_mask is None:
             what = "no mask: every block"
@@ -556,6 +614,10 @@ class Flex(Backend):
         q, k, v = req.q, req.k, req.v
         if not req.requires_grad:  # FlexAttention refuses CPU inputs that require grad even under no_grad
             q, k, v = q.detach(), k.detach(), v.detach()
+        if tracing() and req.device.type == "cpu":
+            # inductor's CPU template reads a 4-D layout from its inputs' buffers (torch 2.13), which a
+            # projection viewed as heads does not have: "not enough values to unpack (expected 4, got 2)"
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         score_mod = None
         if req.score_mod is not None:
             score_mod = req.score_mod.to(req.device).score_mod(req.Lq, req.Lk, req.B, req.H)
@@ -595,8 +657,10 @@ class Flex(Backend):
     def _call(
         fn: Callable[..., Any], q: Tensor, k: Tensor, v: Tensor, kw: dict[str, Any], lse: bool
     ) -> tuple[Tensor, Tensor | None]:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*without torch.compile.*")
+        quiet = contextlib.nullcontext() if tracing() else warnings.catch_warnings()  # traced: no warning
+        with quiet:
+            if not tracing():
+                warnings.filterwarnings("ignore", message=".*without torch.compile.*")
             if not lse:
                 return fn(q, k, v, **kw), None
             aux = getattr(_fa, "AuxRequest", None)

@@ -6,6 +6,14 @@ and takes the request's options is asked :meth:`~qkv.backends.Backend.supports` 
 the request are asked their :meth:`~qkv.backends.Backend.cost` (estimated seconds, from measured
 constants), and the cheapest runs with the plan it made. :class:`Choice` keeps every candidate's cost
 and every other backend's reason, which :func:`qkv.explain` prints.
+
+Inside ``torch.compile`` (or ``torch.export``; :func:`~qkv.backends.base.tracing`) the choice is Python
+that runs once while the graph is traced and is cached with it under ``torch.compile``'s guards (mask
+structure, shapes, dtype, device): ``auto`` then picks among the backends that trace into the graph
+(:meth:`~qkv.backends.Backend.traceable`), costed from shapes and the mask's structure alone (the
+graph serves every batch of those shapes, whatever its document ids or lengths). A backend that does
+not trace (``tiled``: its tile loop is planned from tensor values) runs outside the graph when named,
+or when no traceable backend serves the request: one graph break per call, the result unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import Backend, Request, unsupported
+import torch
+from torch import Tensor
+
+from .base import Backend, Request, tracing, unsupported
 from .registry import get, registered
 
 __all__ = ["Choice", "candidates", "choose", "resolve"]
@@ -31,6 +42,13 @@ class Choice:
     """Every candidate's estimated seconds."""
     declined: dict[str, str] = field(default_factory=dict)
     """Backends that cannot (or may not) serve the request, with their reasons."""
+    outside: bool = False
+    """Inside a traced region: no traceable backend serves the request, so ``auto`` runs outside the
+    graph (``backend`` is then ``"auto"``: it is chosen at run time from the values)."""
+
+
+TRACED = "inside torch.compile"
+"""How :class:`Choice` reasons begin for a request traced into a graph."""
 
 
 def _ms(s: float) -> str:
@@ -41,6 +59,7 @@ def candidates(req: Request) -> tuple[dict[str, Backend], dict[str, str]]:
     """The backends that may serve ``req`` under ``auto``, and the reasons of all others."""
     ok: dict[str, Backend] = {}
     declined: dict[str, str] = {}
+    traced = tracing()
     for name, b in registered().items():
         if not b.available():
             declined[name] = "not available on this machine"
@@ -52,6 +71,11 @@ def candidates(req: Request) -> tuple[dict[str, Backend], dict[str, str]]:
         if unknown:
             declined[name] = f"does not take the option(s) {', '.join(sorted(unknown))}"
             continue
+        if traced:  # asked first: a backend that does not trace may read values in supports() too
+            why = b.traceable(req)
+            if why is not None:
+                declined[name] = f"{TRACED}: {why}"
+                continue
         why = unsupported(b, req) or b.supports(req) or b.auto_blocker(req)
         if why is not None:
             declined[name] = why
@@ -64,6 +88,10 @@ def choose(req: Request) -> Choice:
     """The backend ``auto`` runs for ``req``. Raises ``NotImplementedError`` (with every backend's
     reason) when none can serve it."""
     ok, declined = candidates(req)
+    if not ok and tracing():
+        reasons = "; ".join(f"{n}: {w}" for n, w in declined.items() if registered()[n].automatic)
+        why = f"{TRACED}, no backend traces this request into the graph ({reasons}); auto chooses at run time,"
+        return Choice("auto", None, why + " outside the graph (a graph break per call)", {}, declined, True)
     if not ok:
         reasons = "; ".join(f"{n}: {w}" for n, w in declined.items())
         raise NotImplementedError(f"no backend can serve this request ({reasons})")
@@ -80,6 +108,8 @@ def choose(req: Request) -> Choice:
     ]
     if skipped:
         reason += "; " + "; ".join(skipped)
+    if tracing():
+        reason = f"{TRACED} (chosen once per graph, from shapes and the mask's structure): {reason}"
     return Choice(name, best.plan(req), reason, costs, declined)
 
 
@@ -94,6 +124,8 @@ def resolve(req: Request, backend: str = "auto") -> tuple[Backend, Any]:
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if tracing():
+        return _resolve_traced(req, backend)
     if backend == "auto":
         known = set().union(*(b.options for b in registered().values()))
         unknown = set(req.options) - known
@@ -118,4 +150,41 @@ def resolve(req: Request, backend: str = "auto") -> tuple[Backend, Any]:
         except NotImplementedError:
             alt = ""
         raise NotImplementedError(f"backend {backend!r} cannot serve this request: {why}{alt}")
+    return impl, impl.plan(req)
+
+
+class _Outside(Backend):
+    """A backend that does not trace, run outside the graph being traced: ``run`` is
+    ``torch.compiler.disable``'d, so the graph breaks there and the call runs eagerly (plan from the
+    values, cached, as in any eager call)."""
+
+    name = "outside"
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def run(self, req: Request, plan: Any = None) -> Tensor | tuple[Tensor, Tensor]:
+        return _run_outside(self.backend, req)
+
+
+@torch.compiler.disable  # type: ignore[misc]
+def _run_outside(backend: str, req: Request) -> Tensor | tuple[Tensor, Tensor]:
+    impl, plan = resolve(req, backend)
+    return impl.run(req, plan)
+
+
+def _resolve_traced(req: Request, backend: str) -> tuple[Backend, Any]:
+    """:func:`resolve` while tracing: a backend that traces runs in the graph with the plan it makes
+    there; any other runs outside it (:class:`_Outside`), where :func:`resolve` checks it as usual."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        c = choose(req)
+        return (_Outside("auto"), None) if c.outside else (get(c.backend), c.plan)
+    impl = get(backend)
+    if impl.traceable(req) is not None or not impl.available() or set(req.options) - impl.options:
+        return _Outside(backend), None  # errors, if any, are raised there as in an eager call
+    why = unsupported(impl, req) or impl.supports(req)
+    if why is not None:
+        raise NotImplementedError(f"backend {backend!r} cannot serve this request: {why}")
     return impl, impl.plan(req)

@@ -69,6 +69,17 @@ class Reference(Backend):
     name = "reference"
     takes_sinks = True
 
+    def traceable(self, req: Request) -> str | None:
+        # tensor operations only; but in a graph auto would pick it where sdpa declined a dense mask too
+        # large for memory, and its scores are larger still: then it declines, and auto runs outside
+        from . import sdpa  # here, not above: backends register in import order, which explain shows
+
+        dense = req.B * req.H * req.Lq * req.Lk * 4
+        free = sdpa._free_memory(req.device) if dense > sdpa.CHECK_MEMORY_ABOVE else None
+        if free is not None and dense > free // 2:
+            return f"its {req.B}x{req.H}x{req.Lq}x{req.Lk} scores (~{dense / 2**30:.1f} GiB) against {free / 2**30:.1f} GiB free"
+        return None
+
     def cost(self, req: Request) -> float:
         s = req.flops / FLOPS + req.B * req.H * req.Lq * req.Lk * PAIR_S + CALL_S
         return 3.0 * s if req.requires_grad else s

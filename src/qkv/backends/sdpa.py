@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Backend, Request
+from .base import Backend, Request, tracing
 from .kernels import CAST_S, FUSED_CALL_S, FUSED_CAUSAL_SHARE, FUSED_FLOPS, HALF, compute_dtype, half_speed
 from .registry import register
 
@@ -69,6 +69,23 @@ def upcasts(req: Request) -> bool:
     the rule); computing in float32 brings every gradient under 1x. ``tiled`` keeps bf16 on the same
     kernel and sums its calls in float32 (:func:`qkv.backends.kernels.span_backward`)."""
     return req.requires_grad and req.dtype in HALF and req.device.type == "cpu"
+
+
+_FREE_SEEN: dict[str, int] = {"cpu": _available_memory(torch.device("cpu"))}
+"""The free memory first read per device type (the CPU's at import, a GPU's at its first eager
+check): what a request traced into a graph is checked against, as reading it there would be a graph
+break. Written once per device type, so ``torch.compile``'s guard on it never fails."""
+
+
+def _free_memory(device: Any) -> int | None:
+    """Bytes free on ``device``: read now in eager calls; while tracing, :data:`_FREE_SEEN` (None
+    where no eager call has read it yet: then no check)."""
+    kind = getattr(device, "type", "cpu")
+    if tracing():
+        return _FREE_SEEN.get(kind)
+    free = _available_memory(device)
+    _FREE_SEEN.setdefault(kind, free)
+    return free
 
 
 def _dense(req: Request) -> bool:
@@ -127,7 +144,7 @@ def open_dead_rows(attn_mask: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor |
         rows see a key; ``live`` is None (and the mask unchanged) when every row sees one.
     """
     live = allowed.any(dim=-1, keepdim=True)
-    if bool(live.all()):
+    if not tracing() and bool(live.all()):  # traced: always repair (reading `live` would be a graph break)
         return attn_mask, None
     if attn_mask.dtype == torch.bool:
         return attn_mask | ~live, live
@@ -152,13 +169,16 @@ class SDPA(Backend):
         if _dense(req):
             dense = req.B * req.H * req.Lq * req.Lk * 4
             if dense > CHECK_MEMORY_ABOVE:
-                free = _available_memory(req.device)
-                if dense > free // 2:
+                free = _free_memory(req.device)
+                if free is not None and dense > free // 2:
                     return (
                         f"sdpa would build a dense {req.B}x{req.H}x{req.Lq}x{req.Lk} mask/bias"
                         f" (~{dense / 2**30:.1f} GiB) against {free / 2**30:.1f} GiB free"
                     )
         return None
+
+    def traceable(self, req: Request) -> str | None:
+        return None  # a dense mask is built in the graph from the mask's formula and tensors
 
     def cost(self, req: Request) -> float:
         up = upcasts(req)

@@ -319,6 +319,13 @@ class Tiled(Backend):
             return "weights_heads/weights_rows need return_weights=True"
         return None
 
+    def traceable(self, req: Request) -> str | None:
+        return (
+            "its loop over tiles is planned from tensor values (the mask's block codes, read with .tolist()),"
+            " which a compiled graph cannot read: asked for by name it runs outside the graph (one graph break"
+            " per call)"
+        )
+
     def fused(self, req: Request) -> bool:
         """Whether ``req`` runs on the fused CPU flash kernel (else the eager engine)."""
         return req.score_mod is None and FLASH is not None and FLASH_BWD is not None and req.device.type == "cpu"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..masks import Mask, causal, sliding_window
+from ..masks import Mask, MaskLike, as_mask, causal, sliding_window
 from ..nn.attention import MultiHeadAttention
 from ..nn.base import BackendSwitch
 from ..nn.blocks import TransformerBlock, make_norm
@@ -202,11 +202,17 @@ class GPT(BackendSwitch, nn.Module):
                 )
         return GPTCache(layers)
 
-    def forward(self, idx: Tensor, *, cache: GPTCache | None = None, last_only: bool = False) -> Tensor:
+    def forward(
+        self, idx: Tensor, *, mask: MaskLike | None = None, cache: GPTCache | None = None, last_only: bool = False
+    ) -> Tensor:
         """Next-token logits.
 
         Args:
             idx: token ids ``(B, L)``; with a cache, the ``L`` tokens that follow those it holds.
+            mask: a mask ANDed with the model's own (causal, or its sliding window): ``qkv.masks.document(ids)``
+                for packed sequences (``ids (B, L)``), ``qkv.masks.padding(lengths)`` for right-padded
+                rows, ... With a cache it is written for the whole sequence (see
+                :class:`~qkv.nn.MultiHeadAttention`).
             cache: from :meth:`make_cache`, for decoding; it advances by ``L``.
             last_only: compute the logits of the last position only.
 
@@ -220,8 +226,10 @@ class GPT(BackendSwitch, nn.Module):
         if self.pos_emb is not None:
             x = self.pos_emb(x, offset)
         x = self.drop(x)
+        extra = as_mask(mask)
+        m = self.mask if extra is None else self.mask & extra
         for i, blk in enumerate(self.blocks):
-            x = blk(x, mask=self.mask, score_mod=self.score_mod, cache=cache.layers[i] if cache is not None else None)
+            x = blk(x, mask=m, score_mod=self.score_mod, cache=cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.seen += idx.shape[1]
         if last_only:

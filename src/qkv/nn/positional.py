@@ -142,6 +142,10 @@ class RotaryEmbedding(nn.Module):
 
     def _cos_sin(self, end: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos and sin tables ``(n, dim)`` in the channel layout, for positions ``0 .. n-1`` with ``n >= end``."""
+        if torch.compiler.is_compiling():  # computed in the graph: a cache written there would be a guard
+            a = self.angles(torch.arange(end, device=device))
+            a = a.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([a, a], dim=-1)
+            return a.cos(), a.sin()
         c = self._cache
         if c is None or c[0] < end or c[1] != device:
             n = max(end, 2 * (c[0] if c is not None else 0), 256)
