@@ -5,7 +5,8 @@
 
 For each request (dense, causal, causal window 256, 8 documents, padding keeping 75% of keys, ALiBi +
 causal, softcap; 1k-8k tokens; forward, and forward+backward for a few) every exact backend that
-serves it and ``auto`` are timed in turns (so they share the machine's load), median of ``--repeats``.
+serves it and ``auto`` are timed in turns, the order rotating each round (so they share the machine's load
+and the cost of following a large call), median of ``--repeats``.
 Regret is auto's median over the fastest backend's median from the same run (1.0 = auto picked the
 fastest and its dispatch costs nothing). The targets (issue 11): geometric mean <= 1.1 and worst
 <= 1.3, in each dtype. It also prints how far each backend's cost estimate is from its measured time.
@@ -109,8 +110,9 @@ def main() -> int:
             times: dict[str, list[float]] = {n: [] for n in fns}
             for f in fns.values():
                 f()  # warm-up (plans cached, pages touched)
-            for _ in range(args.repeats):
-                for n, f in fns.items():
+            order = list(fns.items())
+            for r in range(args.repeats):  # rotate the order: whoever runs after SDPA's big dense mask pays its frees
+                for n, f in order[r % len(order):] + order[: r % len(order)]:
                     t0 = time.perf_counter()
                     f()
                     times[n].append(time.perf_counter() - t0)
