@@ -333,5 +333,13 @@ def test_importance_rows_in_chromium(browser, tmp_path):
     heads = pg.page.locator("#importance thead th")
     assert heads.nth(5).get_attribute("title") == "4: " + EVIL  # the evil token is shown as text
     assert pg.page.locator("#importance-panel").is_visible() and not pg.errors
+    # hovering a token in the attention view marks its column of importance (header and every method's cell)
+    pg.hover_token("k", 4)
+    assert pg.data("hover") == "k:4" and pg.data("importanceHot") == "4"
+    assert pg.page.locator("#importance .hot").count() == 3
+    assert heads.nth(5).evaluate("e => e.classList.contains('hot')")
+    pg.hover_token("q", 7)
+    assert pg.data("importanceHot") == "7" and pg.page.locator("#importance .hot").count() == 3
+    assert not heads.nth(5).evaluate("e => e.classList.contains('hot')")
     pg2 = Page(browser, _small_page(tmp_path / "plain.html"))
     assert pg2.data("importanceRows") == "0" and not pg2.page.locator("#importance-panel").is_visible()

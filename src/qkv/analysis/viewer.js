@@ -251,6 +251,25 @@
   function redraw() {
     drawLines(); drawHeat(); describeHover();
     body.dataset.hover = state.hover ? state.hover.side + ":" + state.hover.i : "";
+    markImportance();
+  }
+
+  // the hovered token's column in the importance table, where that side's tokens are the table's
+  let importanceHot = -1;
+  function markImportance() {
+    const I = meta.importance, hv = state.hover;
+    let col = -1;
+    if (I && I.rows.length && hv) {
+      const L = meta.layers[state.layer], n = hv.side === "q" ? L.Lq : L.Lk;
+      if (n === I.tokens.length) col = hv.i;
+    }
+    if (col === importanceHot) return;
+    for (const c of [importanceHot, col]) {
+      if (c < 0) continue;
+      document.querySelectorAll("#importance tr > :nth-child(" + (c + 2) + ")").forEach((el) => el.classList.toggle("hot", c === col));
+    }
+    importanceHot = col;
+    body.dataset.importanceHot = String(col);
   }
 
   // ---- selection ----
