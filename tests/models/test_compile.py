@@ -261,3 +261,30 @@ def test_export_on_flex_where_nothing_needs_gradients() -> None:
     with torch.no_grad():
         got = ep.module()(x, t2)
     torch.testing.assert_close(got.double(), oracle(model.model, "gpt-window-document", x, t2), atol=2e-5, rtol=1e-4)
+
+
+def test_hooks_read_and_intervene_inside_a_graph_without_a_break() -> None:
+    """Hook points (TransformerLens-style) trace: a hook that halves the weights and one that reads the
+    heads run inside the one graph, and the compiled output equals the hooked eager one (not the plain one)."""
+    from qkv.nn.hooks import hooked
+
+    model, x = gpt(window=16), _tokens()
+    seen: list[torch.Size] = []
+
+    def halve(w: Tensor, name: str) -> Tensor:
+        return w * 0.5
+
+    def read(h: Tensor, name: str) -> None:
+        seen.append(h.shape)
+
+    with torch.no_grad():
+        plain = model(x)
+        with hooked(model, ("*.hook_weights", halve), ("*.hook_heads", read)):
+            eager = model(x)
+            ex = torch._dynamo.explain(model)(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, [str(r.reason) for r in ex.break_reasons]
+    assert len(seen) >= 2 * 2  # both layers' heads were read, eagerly and while tracing
+    assert (eager - plain).abs().max() > 1e-3  # the intervention changes the output...
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)  # ...and the graph keeps it
