@@ -265,6 +265,12 @@ class BertTokenizer:
 
     __call__ = encode
 
+    def tokenize(self, text: str) -> list[str]:
+        """The word pieces of ``text``, without ``[CLS]`` / ``[SEP]`` and without truncation or padding."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        return list(self._tok.encode(text, add_special_tokens=False).tokens)
+
     def convert_ids_to_tokens(self, ids: Sequence[int] | Tensor) -> list[str]:
         """Token strings of a sequence of ids."""
         vals = ids.tolist() if isinstance(ids, Tensor) else list(ids)
