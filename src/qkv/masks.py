@@ -1102,6 +1102,8 @@ def from_fn(mask_mod: MaskMod, name: str | None = None) -> Mask:
 
 
 MaskLike = Union[Mask, Tensor, MaskMod]
+"""What ``mask=`` accepts: a :class:`Mask`, a bool tensor broadcastable to ``(B, H, Lq, Lk)`` (True = may
+attend), or a FlexAttention ``mask_mod`` (:data:`MaskMod`)."""
 
 
 def _need(mask: MaskLike) -> Mask:
