@@ -52,6 +52,7 @@ myst_heading_anchors = 3
 
 html_theme = "alabaster"
 html_title = "qkv"
+html_theme_options = {"page_width": "1280px", "sidebar_width": "240px", "show_relbars": True}
 html_static_path: list[str] = []
 
 # Names outside qkv: no inventory is fetched (offline), so references to them stay plain text.
