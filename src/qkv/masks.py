@@ -92,7 +92,37 @@ def _grid(n: int, block: int, device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 class Mask:
-    """Which (query, key) pairs may attend. Subclasses define ``evaluate`` and, ideally, ``bounds``."""
+    """Which (query, key) pairs may attend. Subclasses define ``evaluate`` and, ideally, ``bounds``.
+
+    Masks combine with ``&`` (both allow), ``|`` (either allows) and ``~`` (the complement), and
+    :meth:`to_dense` shows one as a bool tensor (True = may attend):
+
+    >>> from qkv import masks
+    >>> m = masks.causal() & masks.sliding_window(2)
+    >>> m
+    (causal & sliding_window(2, 0))
+    >>> m.to_dense(Lq=5, Lk=5)[0, 0].int()
+    tensor([[1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [0, 1, 1, 1, 0],
+            [0, 0, 1, 1, 1]], dtype=torch.int32)
+    >>> (~masks.causal()).to_dense(Lq=3, Lk=3)[0, 0].int()
+    tensor([[0, 1, 1],
+            [0, 0, 1],
+            [0, 0, 0]], dtype=torch.int32)
+    >>> (masks.causal() | masks.global_tokens(1)).to_dense(Lq=3, Lk=3)[0, 0].int()
+    tensor([[1, 1, 1],
+            [1, 1, 0],
+            [1, 1, 1]], dtype=torch.int32)
+
+    Each (query tile, key tile) is classified from the formula, without building the tile
+    (``EMPTY`` 0, ``FULL`` 1, ``PARTIAL`` 2):
+
+    >>> masks.causal().block_kinds(masks.Shape(B=1, H=1, Lq=8, Lk=8), 4, 4)
+    tensor([[[[2, 0],
+              [1, 2]]]], dtype=torch.int8)
+    """
 
     #: a short human name shown in ``repr`` and by :func:`qkv.explain`
     name: str = "mask"
@@ -475,7 +505,15 @@ class _Window(PositionalMask):
 
 
 def causal() -> Mask:
-    """Query ``i`` sees keys ``j <= i + Lk - Lq`` (bottom-right aligned when ``Lq != Lk``)."""
+    """Query ``i`` sees keys ``j <= i + Lk - Lq`` (bottom-right aligned when ``Lq != Lk``).
+
+    Two new queries after two cached keys (decoding with a KV cache) see the keys before them:
+
+    >>> from qkv import masks
+    >>> masks.causal().to_dense(Lq=2, Lk=4)[0, 0].int()
+    tensor([[1, 1, 1, 0],
+            [1, 1, 1, 1]], dtype=torch.int32)
+    """
     return _Window(None, 0, "causal")
 
 
@@ -489,6 +527,14 @@ def sliding_window(left: int, right: int = 0) -> Mask:
     Args:
         left: how many keys before the query's own position it may see (``>= 0``).
         right: how many keys after it (``>= 0``).
+
+    Example:
+        >>> from qkv import masks
+        >>> masks.sliding_window(1, 1).to_dense(Lq=4, Lk=4)[0, 0].int()
+        tensor([[1, 1, 0, 0],
+                [1, 1, 1, 0],
+                [0, 1, 1, 1],
+                [0, 0, 1, 1]], dtype=torch.int32)
     """
     for arg, val in (("left", left), ("right", right)):
         if not isinstance(val, int) or isinstance(val, bool):
@@ -569,6 +615,12 @@ def padding(kv_lengths: int | Sequence[int] | Tensor, q_lengths: int | Sequence[
         kv_lengths: an int, or one length per batch row, shape ``(B,)``; each in ``[0, Lk]``.
         q_lengths: optionally, real queries per row; padded query rows attend to nothing and
             return zeros.
+
+    Example:
+        >>> from qkv import masks
+        >>> masks.padding([3, 5]).to_dense(B=2, Lq=1, Lk=5)[:, 0, 0].int()
+        tensor([[1, 1, 1, 0, 0],
+                [1, 1, 1, 1, 1]], dtype=torch.int32)
     """
     m: Mask = _KeyBelow(_as_index_tensor(kv_lengths, "padding: kv_lengths"), "padding: kv_lengths", "padding")
     if q_lengths is not None:
@@ -640,6 +692,14 @@ def prefix_lm(prefix_len: int | Sequence[int] | Tensor) -> Mask:
 
     Args:
         prefix_len: an int, or one per batch row, shape ``(B,)``.
+
+    Example:
+        >>> from qkv import masks
+        >>> masks.prefix_lm(2).to_dense(Lq=4, Lk=4)[0, 0].int()
+        tensor([[1, 1, 0, 0],
+                [1, 1, 0, 0],
+                [1, 1, 1, 0],
+                [1, 1, 1, 1]], dtype=torch.int32)
     """
     n = _as_index_tensor(prefix_len, "prefix_lm: prefix_len")
     return _Or(
@@ -830,6 +890,17 @@ def document(q_ids: Sequence[int] | Tensor, kv_ids: Sequence[int] | Tensor | Non
 
     Combine with :func:`causal` for packed causal language modelling. Tiles are classified from
     each tile's min and max id: exact for sorted ids (the packed layout), conservative otherwise.
+
+    Example:
+        >>> import torch
+        >>> from qkv import masks
+        >>> ids = torch.tensor([0, 0, 1, 1, 1])             # two documents packed in one row
+        >>> (masks.document(ids) & masks.causal()).to_dense(Lq=5, Lk=5)[0, 0].int()
+        tensor([[1, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0],
+                [0, 0, 1, 0, 0],
+                [0, 0, 1, 1, 0],
+                [0, 0, 1, 1, 1]], dtype=torch.int32)
     """
     qi = _as_index_tensor(q_ids, "document: q_ids")
     ki = qi if kv_ids is None else _as_index_tensor(kv_ids, "document: kv_ids")
@@ -1095,13 +1166,24 @@ def from_fn(mask_mod: MaskMod, name: str | None = None) -> Mask:
     The function receives raw indices (no bottom-right shift) as broadcastable integer tensors and
     must be built from tensor operations (as FlexAttention requires) and be pure: the same function
     object must always allow the same pairs, because plans (tile classifications) are cached per
-    function object. Tiles are classified by evaluating them."""
+    function object. Tiles are classified by evaluating them.
+
+    >>> from qkv import masks
+    >>> def every_other(b, h, q_idx, kv_idx):
+    ...     return (q_idx - kv_idx) % 2 == 0
+    >>> masks.from_fn(every_other).to_dense(Lq=3, Lk=3)[0, 0].int()
+    tensor([[1, 0, 1],
+            [0, 1, 0],
+            [1, 0, 1]], dtype=torch.int32)
+    """
     if not callable(mask_mod):
         raise TypeError(f"from_fn: mask_mod must be callable, got {type(mask_mod).__name__}")
     return _Fn(mask_mod, name or str(getattr(mask_mod, "__name__", "mask_mod")))
 
 
 MaskLike = Union[Mask, Tensor, MaskMod]
+"""What ``mask=`` accepts: a :class:`Mask`, a bool tensor broadcastable to ``(B, H, Lq, Lk)`` (True = may
+attend), or a FlexAttention ``mask_mod`` (:data:`MaskMod`)."""
 
 
 def _need(mask: MaskLike) -> Mask:

@@ -126,7 +126,7 @@ class Backend:
 
     Subclasses set :attr:`name` (and :attr:`options`, :attr:`automatic`) and implement
     :meth:`supports`, :meth:`cost` and :meth:`run`; :meth:`plan` when they decide something before
-    computing that is worth caching (build it with :func:`qkv.backends.plan.cached`).
+    computing that is worth caching (cache it in :data:`qkv.backends.plan.PLANS`).
     """
 
     name: str = "backend"

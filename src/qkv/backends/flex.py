@@ -137,6 +137,7 @@ class Stats:
 
 
 STATS = Stats()
+"""This process's counts (:class:`Stats`): block masks built, kernel calls, real compiles."""
 
 
 # ------------------------------------------------------------------------------------------------
