@@ -27,15 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .capture import capture
-
-if TYPE_CHECKING:
-    from .syntax_sentences import Sentence
+from .syntax_sentences import Sentence
 
 __all__ = [
     "OFFSETS",
@@ -293,6 +291,7 @@ def align_words(
 
 
 Encode = Callable[[list[str]], tuple[Mapping[str, Any], list[list[str]]]]
+"""``encode(texts) -> (model inputs, tokens per text)``: how :func:`syntax_heads` tokenizes a batch of sentences."""
 
 
 def syntax_heads(
