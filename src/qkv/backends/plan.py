@@ -6,16 +6,19 @@ reads the live fraction from): for a mask and a problem shape, which (query tile
 empty, full or partial, and the key segments each query tile visits.
 
 Plans are cached (:data:`PLANS`) under the mask's :meth:`~qkv.masks.Mask.cache_key` (its parameters
-and the contents of small tensors it holds), so the layers of a model that share a mask, and the next
-step of a training loop, reuse the plan; a mask that cannot name itself (a large dense mask) caches its
-plans on the object itself.
+and the contents of every tensor it holds or, for a ``mask_mod``, can read), so the layers of a model
+that share a mask, and the next step of a training loop over the same data, reuse the plan, and a mask
+whose data changed gets a new one. A mask that cannot name itself (``cache_key() is None``: a
+``mask_mod`` reading state qkv cannot fingerprint, any mask while ``torch.compile`` traces) has its plan
+built again for each call and kept nowhere: never the plan of another call.
 """
 
 from __future__ import annotations
 
-import weakref
+import contextlib
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,24 +40,56 @@ BAND_ROWS = 64
 
 class PlanCache:
     """A bounded cache of plans keyed by (mask, what): ``get(mask, key, build)`` returns the plan built
-    by ``build()`` the first time. ``builds`` and ``hits`` count what happened (tests read them)."""
+    by ``build()`` for the mask's :meth:`~qkv.masks.Mask.cache_key`. A mask without a key gets a plan
+    built for the call (kept only for the rest of the call, inside :meth:`scope`), never a stored one.
+
+    ``builds``, ``hits`` and ``uncached`` (builds for masks without a key) count what happened (tests
+    and benchmarks read them)."""
 
     def __init__(self, size: int = 512) -> None:
         self.size = size
         self._lru: OrderedDict[Hashable, Any] = OrderedDict()
-        self._by_object: weakref.WeakKeyDictionary[Mask, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
+        self._local = threading.local()
         self.builds = 0
         self.hits = 0
+        self.uncached = 0
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """One call of attention (``auto``'s choice, a backend's plan and its run): inside it a mask's key
+        is computed once however many backends ask (a ``mask_mod``'s fingerprint reads its tensors), and
+        the plans of a mask without a key are built once. Nested scopes join the outermost."""
+        if getattr(self._local, "memo", None) is not None:
+            yield
+            return
+        self._local.memo = {}
+        try:
+            yield
+        finally:
+            self._local.memo = None
+
+    def key(self, mask: Mask) -> Hashable | None:
+        """``mask.cache_key()``, computed once per :meth:`scope`."""
+        memo: dict[Hashable, Any] | None = getattr(self._local, "memo", None)
+        if memo is None:
+            return mask.cache_key()
+        got = memo.get(id(mask))
+        if got is None or got[0] is not mask:  # the memo holds the mask: its id is not reused in the scope
+            got = memo[id(mask)] = (mask, mask.cache_key())
+        return got[1]
 
     def get(self, mask: Mask | None, key: Hashable, build: Callable[[], T]) -> T:
-        mk = None if mask is None else mask.cache_key()
-        if mask is not None and mk is None:  # cached on the mask object, gone with it
-            table = self._by_object.setdefault(mask, {})
-            if key in table:
-                self.hits += 1
-                return table[key]  # type: ignore[no-any-return]
-            value = table[key] = build()
+        mk = None if mask is None else self.key(mask)
+        if mask is not None and mk is None:  # unknowable: built for this call, stored nowhere
+            memo: dict[Hashable, Any] | None = getattr(self._local, "memo", None)
+            if memo is not None and ("plan", id(mask), key) in memo:  # asked again within the call
+                return memo["plan", id(mask), key]  # type: ignore[no-any-return]
+            value = build()
             self.builds += 1
+            self.uncached += 1
+            if memo is not None:
+                self.key(mask)  # the memo now holds the mask, so its id stays its own in the scope
+                memo["plan", id(mask), key] = value
             return value
         full_key = (mk, key)
         if full_key in self._lru:
@@ -70,8 +105,7 @@ class PlanCache:
 
     def clear(self) -> None:
         self._lru.clear()
-        self._by_object = weakref.WeakKeyDictionary()
-        self.builds = self.hits = 0
+        self.builds = self.hits = self.uncached = 0
 
 
 PLANS = PlanCache()
