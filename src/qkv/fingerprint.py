@@ -75,6 +75,14 @@ MAX_BYTES = 64 << 20
 class Unkeyable(Exception):
     """A key cannot be made: the message says what the walk could not read, and where."""
 
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+        self.path: list[str] = []
+
+    def __str__(self) -> str:
+        return f"{self.why} (at {' > '.join(self.path)})" if self.path else self.why
+
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling()
@@ -109,9 +117,12 @@ _NUMPY_DTYPES = frozenset(
 )  # fmt: skip
 
 
-def _tensor_bytes(t: Tensor) -> Any:
-    """``t``'s logical contents as a C-contiguous numpy array on the CPU (a view where it can be)."""
-    if _tracing():
+def _tensor_bytes(t: Tensor, traced: bool | None = None) -> Any:
+    """``t``'s logical contents as a C-contiguous numpy array on the CPU (a view where it can be).
+    ``traced``: whether this runs inside ``torch.compile`` (``None``: ask)."""
+    if traced is None:
+        traced = _tracing()
+    if traced:
         raise Unkeyable("its tensors are not read while torch.compile traces")
     if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
         raise Unkeyable(f"it holds a tensor of type {type(t).__name__}, whose contents qkv does not read")
@@ -263,18 +274,17 @@ class _Walk:
         self.names: set[str] = set()  # attribute names that some code the walk reached spells
         self.spaces: list[tuple[object, Mapping[str, Any], frozenset[str]]] = []
         self.space_ids: set[int] = set()
-        self.path: list[str] = []
 
-    def fail(self, why: str) -> Unkeyable:
-        where = " > ".join(self.path)
-        return Unkeyable(f"{why} (at {where})" if where else why)
+    @staticmethod
+    def fail(why: str) -> Unkeyable:
+        return Unkeyable(why)
 
     def child(self, label: str, x: object, depth: int) -> Hashable:
-        self.path.append(label)
         try:
             return self.key(x, depth + 1)
-        finally:
-            self.path.pop()
+        except Unkeyable as e:  # the path is put together only when the walk fails
+            e.path.insert(0, label)
+            raise
 
     # ---- one object ------------------------------------------------------------------------
     def key(self, x: Any, depth: int) -> Hashable:
@@ -302,11 +312,8 @@ class _Walk:
 
     def compound(self, x: Any, t: type, depth: int) -> Hashable:
         if isinstance(x, Tensor):
-            try:
-                c, bdims = _compact(x)
-                a = _tensor_bytes(c)
-            except Unkeyable as e:
-                raise self.fail(str(e)) from None
+            c, bdims = _compact(x)
+            a = _tensor_bytes(c, traced=False)
             self.bytes += a.nbytes
             if self.max_bytes is not None and self.bytes > self.max_bytes:
                 raise self.fail(f"it reads more than {self.max_bytes >> 20} MiB of tensors")
@@ -481,11 +488,7 @@ class _Walk:
                 for n in want:
                     done[i].add(n)
                     changed = True
-                    self.path.append(f"{getattr(ns, '__name__', type(ns).__name__)}.{n}")
-                    try:
-                        out.append((i, n, self.key(items[n], 1)))
-                    finally:
-                        self.path.pop()
+                    out.append((i, n, self.child(f"{getattr(ns, '__name__', type(ns).__name__)}.{n}", items[n], 0)))
                 i += 1
         return tuple(out)
 
@@ -506,12 +509,14 @@ def fingerprint(obj: object, max_bytes: int | None = MAX_BYTES) -> Hashable:
     if _tracing():
         raise Unkeyable("its values are not read while torch.compile traces")
     w = _Walk(max_bytes)
-    w.path.append(getattr(obj, "__qualname__", type(obj).__name__))
     try:
         main = w.key(obj, 0)
         spaces = w.finish()
     except RecursionError as e:
         raise Unkeyable("it nests too deeply to walk") from e
+    except Unkeyable as e:
+        e.path.insert(0, getattr(obj, "__qualname__", type(obj).__name__))
+        raise
     return (main, spaces)
 
 

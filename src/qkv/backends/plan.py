@@ -15,10 +15,9 @@ built again for each call and kept nowhere: never the plan of another call.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,6 +37,28 @@ BAND_ROWS = 64
 """Query rows per batch entry of a :class:`Band`, at least (0: no bands)."""
 
 
+_MISSING = object()
+
+
+class _Scope:
+    """The context of :meth:`PlanCache.scope` (a class: cheaper than a generator per call)."""
+
+    __slots__ = ("local", "outer")
+
+    def __init__(self, local: threading.local) -> None:
+        self.local = local
+        self.outer = False
+
+    def __enter__(self) -> None:
+        self.outer = getattr(self.local, "memo", None) is None
+        if self.outer:
+            self.local.memo = {}
+
+    def __exit__(self, *exc: object) -> None:
+        if self.outer:
+            self.local.memo = None
+
+
 class PlanCache:
     """A bounded cache of plans keyed by (mask, what): ``get(mask, key, build)`` returns the plan built
     by ``build()`` for the mask's :meth:`~qkv.masks.Mask.cache_key`. A mask without a key gets a plan
@@ -54,19 +75,12 @@ class PlanCache:
         self.hits = 0
         self.uncached = 0
 
-    @contextlib.contextmanager
-    def scope(self) -> Iterator[None]:
+    def scope(self) -> _Scope:
         """One call of attention (``auto``'s choice, a backend's plan and its run): inside it a mask's key
         is computed once however many backends ask (a ``mask_mod``'s fingerprint reads its tensors), and
-        the plans of a mask without a key are built once. Nested scopes join the outermost."""
-        if getattr(self._local, "memo", None) is not None:
-            yield
-            return
-        self._local.memo = {}
-        try:
-            yield
-        finally:
-            self._local.memo = None
+        a plan is looked up (or, for a mask without a key, built) once. Nested scopes join the outermost.
+        Use as ``with PLANS.scope(): ...``."""
+        return _Scope(self._local)
 
     def key(self, mask: Mask) -> Hashable | None:
         """``mask.cache_key()``, computed once per :meth:`scope`."""
@@ -79,29 +93,30 @@ class PlanCache:
         return got[1]
 
     def get(self, mask: Mask | None, key: Hashable, build: Callable[[], T]) -> T:
-        mk = None if mask is None else self.key(mask)
-        if mask is not None and mk is None:  # unknowable: built for this call, stored nowhere
-            memo: dict[Hashable, Any] | None = getattr(self._local, "memo", None)
-            if memo is not None and ("plan", id(mask), key) in memo:  # asked again within the call
-                return memo["plan", id(mask), key]  # type: ignore[no-any-return]
+        memo: dict[Hashable, Any] | None = getattr(self._local, "memo", None)
+        mk = None if mask is None else self.key(mask)  # in a scope, the memo now holds the mask
+        here = None if memo is None or mask is None else ("plan", id(mask), key)
+        if here is not None and memo is not None and here in memo:  # asked again within the call (auto's cost, then its run)
+            return memo[here]  # type: ignore[no-any-return]
+        if mask is not None and mk is None:  # unknowable: built for this call, stored nowhere else
             value = build()
             self.builds += 1
             self.uncached += 1
-            if memo is not None:
-                self.key(mask)  # the memo now holds the mask, so its id stays its own in the scope
-                memo["plan", id(mask), key] = value
-            return value
-        full_key = (mk, key)
-        if full_key in self._lru:
-            self._lru.move_to_end(full_key)
-            self.hits += 1
-            return self._lru[full_key]  # type: ignore[no-any-return]
-        value = build()
-        self.builds += 1
-        self._lru[full_key] = value
-        if len(self._lru) > self.size:
-            self._lru.popitem(last=False)
-        return value
+        else:
+            full_key = (mk, key)
+            value = self._lru.get(full_key, _MISSING)
+            if value is not _MISSING:
+                self._lru.move_to_end(full_key)
+                self.hits += 1
+            else:
+                value = build()
+                self.builds += 1
+                self._lru[full_key] = value
+                if len(self._lru) > self.size:
+                    self._lru.popitem(last=False)
+        if here is not None and memo is not None:
+            memo[here] = value
+        return value  # type: ignore[no-any-return]
 
     def clear(self) -> None:
         self._lru.clear()
