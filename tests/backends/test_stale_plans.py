@@ -280,6 +280,34 @@ def test_a_named_mask_follows_its_tensor_changed_in_place(kind, backend):
         check_backend(backend, q, k, v, grad=False, mask=mask)
 
 
+@pytest.mark.parametrize("kind", ["document", "padding", "dense"])
+def test_flex_block_mask_of_a_named_mask_follows_its_tensor(kind):
+    mask, set_n = _named(kind)
+    q = torch.randn(1, 2, L, 8)
+    flex = backends.get("flex")
+    for n in DOCS:
+        set_n(n)
+        bm = flex.plan(Request(q, q, q, mask, None, 1.0, 0.0, False, {"block_size": 64})).block_mask
+        B, H = bm.kv_num_blocks.shape[:2]
+        theirs = create_block_mask(mask.mask_mod(L, L, B, H), B, H, L, L, device="cpu", BLOCK_SIZE=64)
+        assert torch.equal(_full(bm), _full(theirs)), f"{kind}, {n} documents: full blocks differ"
+        assert torch.equal(_live(bm), _live(theirs)), f"{kind}, {n} documents: live blocks differ"
+
+
+def _blocks(num, idx):
+    """The dense (..., nq, nk) bool matrix of the blocks an ordered (num_blocks, indices) pair lists."""
+    keep = torch.arange(idx.shape[-1]) < num.unsqueeze(-1)
+    return torch.zeros(*idx.shape[:-1], idx.shape[-1], dtype=torch.bool).scatter_(-1, idx.long(), keep)
+
+
+def _full(bm):
+    return _blocks(bm.full_kv_num_blocks, bm.full_kv_indices)
+
+
+def _live(bm):
+    return _full(bm) | _blocks(bm.kv_num_blocks, bm.kv_indices)
+
+
 def test_flex_reads_the_current_masks_tensors_when_a_cached_plan_is_shared():
     """Two mask objects with equal contents share a cached plan; the first one's tensor is then reused
     as a buffer for another batch. The BlockMask handed for the second mask must evaluate the second
