@@ -20,6 +20,7 @@ ARR = np.arange(10)
 CFG = types.ModuleType("user_cfg")
 CFG.width = 4
 DEFAULT_IDS = torch.zeros(4)
+NET_IDS = torch.zeros(4)
 
 
 def helper(q, k):
@@ -124,6 +125,29 @@ def test_closures_defaults_partials_methods_objects_change_the_key():
         return self.ids[q]
 
     _changes(types.MethodType(method, m), lambda: m.ids.add_(1))
+    class Net(torch.nn.Module):  # a submodule called by the mask: its forward is read (called, not named)
+        def forward(self, q):
+            return NET_IDS[q]
+
+    net = Net()
+    _changes(lambda q: net(q), lambda: NET_IDS.add_(1))
+    class Model(torch.nn.Module):  # a model whose mask_mod is a method: read by the names the method spells
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("doc", torch.zeros(4))
+            self.gen = torch.Generator()  # state in C, read by forward only
+
+        def forward(self, x):
+            return torch.rand(x.shape, generator=self.gen)
+
+        def mask_mod(self, b, h, q, k):
+            return self.doc[q] == self.doc[k]
+
+    model = Model()
+    _changes(model.mask_mod, lambda: model.doc.add_(1))  # keyable: forward (and its generator) not read
+    assert fingerprint_or_none(lambda x: model(x))[0] is None  # calling the model reads its forward
+    ns = types.SimpleNamespace(ids=torch.zeros(2))
+    _changes(lambda q: ns.ids[q], lambda: ns.ids.add_(1))
     box = {"ids": torch.zeros(2)}
     _changes(lambda: box["ids"], lambda: box["ids"].add_(1))
     lst = [torch.zeros(2)]

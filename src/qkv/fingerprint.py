@@ -243,7 +243,7 @@ _C_DESCRIPTORS = (
 )
 
 
-_PY_BASES = (object, tuple, list, dict, set, frozenset, int, float, str, bytes)
+_PY_BASES = (object, tuple, list, dict, set, frozenset, int, float, str, bytes, types.SimpleNamespace)
 _HEAPTYPE = 1 << 9
 
 
@@ -252,6 +252,13 @@ def _pure_python(t: type) -> bool:
     contents of a built-in container or number they subclass), not in C."""
     return all(k in _PY_BASES or k.__flags__ & _HEAPTYPE for k in t.__mro__)
 
+
+_NOT_READ = frozenset(
+    {"__init__", "__new__", "__del__", "__repr__", "__str__", "__format__", "__init_subclass__", "__set_name__",
+     "__setattr__", "__delattr__", "__setitem__", "__delitem__", "__reduce__", "__reduce_ex__", "__getstate__",
+     "__setstate__", "__copy__", "__deepcopy__", "__post_init__", "__dir__", "__sizeof__"}
+)  # fmt: skip
+"""Dunder methods that build, show, copy or write an object: not called by reading one."""
 
 _KEYED: list[type] = []
 
@@ -272,8 +279,8 @@ class _Walk:
         self.seen: dict[int, int] = {}
         self.keep: list[object] = []  # every object visited stays alive: no id is reused during the walk
         self.names: set[str] = set()  # attribute names that some code the walk reached spells
-        self.spaces: list[tuple[object, Mapping[str, Any], frozenset[str]]] = []
-        self.space_ids: set[int] = set()
+        self.spaces: list[tuple[object, Mapping[str, Any], set[str]]] = []
+        self.space_ids: dict[int, int] = {}
 
     @staticmethod
     def fail(why: str) -> Unkeyable:
@@ -330,7 +337,12 @@ class _Walk:
         if isinstance(x, types.FunctionType):
             return self.function(x, depth)
         if isinstance(x, types.MethodType):
-            return ("method", self.child("__func__", x.__func__, depth), self.child("__self__", x.__self__, depth))
+            owner = x.__self__
+            if isinstance(owner, torch.nn.Module):  # a model's method: its attributes by name, its forward not
+                self.keep.append(owner)
+                self.module(owner, called=False)
+                return ("method", self.child("__func__", x.__func__, depth), ("nn.Module", Ref(owner)))
+            return ("method", self.child("__func__", x.__func__, depth), self.child("__self__", owner, depth))
         if isinstance(x, (types.BuiltinFunctionType, types.MethodWrapperType)):
             s = x.__self__
             if s is None or isinstance(s, types.ModuleType):
@@ -340,11 +352,11 @@ class _Walk:
             return ("descriptor", Ref(x))
         if isinstance(x, types.ModuleType):
             if not _is_library(x.__name__):
-                self.space(x, vars(x), frozenset())
+                self.space(x, vars(x), set())
             return ("module", Ref(x))
         if isinstance(x, type):
             if not _is_library(x.__module__):
-                self.klass(x)
+                self.klass(x, instance=False)
             return ("class", Ref(x))
         if isinstance(x, (staticmethod, classmethod)):
             return (t, self.child("__func__", x.__func__, depth))
@@ -365,10 +377,7 @@ class _Walk:
                 raise self.fail(f"it reads {x!r}, which has no key: {keyed.cache_blocker()}")
             return ("keyed", k)
         if isinstance(x, torch.nn.Module):
-            items = {**x._modules, **x._buffers, **x._parameters}
-            items.update((n, v) for n, v in vars(x).items() if n not in ("_modules", "_buffers", "_parameters"))
-            self.space(x, items, frozenset())
-            self.klass(t)
+            self.module(x, called=True)
             return ("nn.Module", Ref(x))
         if t in (tuple, list, deque) or t is torch.Size:
             return (t, tuple(self.child(f"[{j}]", y, depth) for j, y in enumerate(x)))
@@ -457,20 +466,39 @@ class _Walk:
         return ("function", *parts)
 
     # ---- namespaces: read by the attribute names the code spells --------------------------------
-    def space(self, ns: object, items: Mapping[str, Any], always: frozenset[str]) -> None:
-        if id(ns) in self.space_ids:
+    def space(self, ns: object, items: Mapping[str, Any], always: set[str]) -> None:
+        """Read ``ns``'s attributes by name at the end (:meth:`finish`); ``always``: names read even when no
+        code spells them (methods Python calls implicitly). Met again, its ``always`` grows."""
+        i = self.space_ids.get(id(ns))
+        if i is not None:
+            self.spaces[i][2].update(always)
             return
-        self.space_ids.add(id(ns))
+        self.space_ids[id(ns)] = len(self.spaces)
         self.keep.append(ns)
-        self.spaces.append((ns, items, always))
+        self.spaces.append((ns, items, set(always)))
 
-    def klass(self, c: type) -> None:
+    def module(self, m: torch.nn.Module, called: bool) -> None:
+        """An ``nn.Module`` as a namespace: its submodules, buffers, parameters and attributes by name."""
+        if id(m) not in self.space_ids:
+            items = {**m._modules, **m._buffers, **m._parameters}
+            items.update((n, v) for n, v in vars(m).items() if n not in ("_modules", "_buffers", "_parameters"))
+            self.space(m, items, set())
+        self.klass(type(m), called=called)
+
+    def klass(self, c: type, instance: bool = True, called: bool = True) -> None:
+        """The user's classes in ``c``'s MRO as namespaces. Their dunder methods are read (operators call
+        them unnamed), except those that build, show or write an object when ``c`` is only the class of
+        an ``instance`` met; an ``nn.Module``'s ``forward`` when it may be ``called``."""
         for k in c.__mro__:
-            if k is object or _is_library(k.__module__) or id(k) in self.space_ids:
+            if k is object or _is_library(k.__module__):
                 continue
             d = vars(k)
-            dunders = frozenset(n for n, v in d.items() if n.startswith("__") and n.endswith("__") and callable(v))
-            self.space(k, d, dunders)
+            implicit = {n for n, v in d.items() if n.startswith("__") and n.endswith("__") and callable(v)}
+            if instance:
+                implicit -= _NOT_READ
+            if called and issubclass(k, torch.nn.Module):
+                implicit.add("forward")
+            self.space(k, d, implicit)
 
     def finish(self) -> Hashable:
         """The named attributes of every namespace met, until no new code names another."""
