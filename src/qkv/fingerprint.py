@@ -13,23 +13,27 @@ can reach and keys all of it:
 * bound methods (the function and ``__self__``), ``functools.partial`` (function, args, keywords),
   callable and plain objects (their class, ``vars()`` and ``__slots__``), lists, tuples, dicts, sets;
 * modules, ``nn.Module`` instances and classes of the user's own code as namespaces: the attributes
-  that some code the walk reached names (``cfg.WINDOW``, ``self.doc_ids``), and a class's dunder
-  methods (which operators call without naming them);
+  that some code the walk reached names (``cfg.WINDOW``, ``self.doc_ids``), a class's dunder methods
+  (operators call them without naming them; not those that build, show or write an object), and an
+  ``nn.Module``'s ``forward`` where the module may be called (not when the ``mask_mod`` is a method of
+  it);
 * leaves: tensors and numpy arrays by contents (dtype, shape and their bytes, or a SHA-256 digest of
-  them above :data:`SMALL_BYTES`), numbers, strings, bytes, ``None``, enums by value, a
-  :class:`qkv.masks.Mask` by its :meth:`~qkv.masks.Mask.cache_key`; code of libraries (torch, numpy,
-  the standard library, qkv) by identity, since it does not change at run time (a closure a library
+  them above :data:`SMALL_BYTES`; dims a tensor is broadcast along are read once), numbers, strings,
+  bytes, ``None``, enums, a :class:`qkv.masks.Mask` by its :meth:`~qkv.masks.Mask.cache_key`; code and
+  callable objects of libraries (torch, numpy, transformers, the standard library, qkv: torch ops,
+  ``operator.itemgetter``) by identity, since they do not change at run time (a closure a library
   function made is still followed into its cells).
 
 What the walk cannot read with certainty makes the fingerprint unknowable (:class:`Unkeyable`, with
-the reason): an object of a library type that holds state in C (a ``torch.Generator``, a lock, an
-``lru_cache``'d function), a call of ``globals()``/``eval``/``exec``, a tensor while
-``torch.compile`` traces (its values are not known then), more than :data:`MAX_NODES` objects or
-:data:`MAX_BYTES` of tensor data. Callers then build their plan again for the call and keep nothing.
+the reason and where it was met): an object whose state lives in C (a ``torch.Generator``, a lock, an
+iterator), a call of ``globals()``/``eval``/``exec``, a tensor while ``torch.compile`` traces (its
+values are not known then), more than :data:`MAX_NODES` objects or :data:`MAX_BYTES` of tensor data.
+Callers then build their plan again for the call and keep nothing.
 
 Attributes of a namespace are read by the names the code spells (``getattr(cfg, name)`` with a name
 computed at run time is not seen); that is the one approximation, and why modules are read that way:
-a script's ``__main__`` holds the model, the data and the optimizer, which a mask does not read.
+a script's ``__main__`` holds the model, the data and the optimizer, which a mask does not read. The
+function must, as FlexAttention requires, be a function of what it reads (no randomness of its own).
 """
 
 from __future__ import annotations
