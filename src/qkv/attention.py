@@ -173,11 +173,16 @@ class Explanation:
     """Every candidate's estimated seconds (the cheapest is picked)."""
     mask: str = ""
     """The mask the request carried, in words (its structure, or the name of a fallback and its reason)."""
+    uncached: str = ""
+    """Why the mask's plans (tile classes, block masks) cannot be cached, so are built again on every
+    call; empty when they are cached (or nothing is planned)."""
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.backend}: {self.reason}"]
         if self.mask:
             lines.append(f"  mask: {self.mask}")
+        if self.uncached:
+            lines.append(f"  plan: built again on every call, not cached: {self.uncached}")
         lines += [
             f"  {name}: ~{c * 1e3:.3g} ms estimated" for name, c in sorted(self.costs.items(), key=lambda x: x[1])
         ]
@@ -232,7 +237,11 @@ def explain(
     req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
     with assume_traced(compiled):
         c = choose(req)
-    return Explanation(c.backend, c.reason, c.declined, c.costs, repr(req.mask) if req.mask is not None else "")
+    # inside a compiled graph plans are made in the graph on every call anyway: nothing to say there
+    uncached = "" if compiled or req.mask is None else req.mask.cache_blocker() or ""
+    return Explanation(
+        c.backend, c.reason, c.declined, c.costs, repr(req.mask) if req.mask is not None else "", uncached
+    )
 
 
 def _validate(

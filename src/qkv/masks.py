@@ -36,6 +36,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from .fingerprint import Ref, Unkeyable, content_key, fingerprint_or_none, keyed_by_cache_key
+
 __all__ = [
     "EMPTY",
     "FULL",
@@ -91,6 +93,7 @@ def _grid(n: int, block: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return lo, torch.clamp(lo + block, max=n)
 
 
+@keyed_by_cache_key
 class Mask:
     """Which (query, key) pairs may attend. Subclasses define ``evaluate`` and, ideally, ``bounds``.
 
@@ -184,11 +187,26 @@ class Mask:
         return self
 
     def cache_key(self) -> Hashable | None:
-        """A hashable that is equal for two masks exactly when they allow the same pairs on every
-        problem (their parameters, and the contents of small tensors they hold), or ``None`` when the
-        mask cannot tell (then plans are cached on the mask object itself). Backends cache their
-        per-mask plans (tile classifications, block masks) under it."""
+        """A hashable that is equal for two masks only when they allow the same pairs on every problem,
+        or ``None`` when the mask cannot establish that. Backends cache their per-mask plans (tile
+        classifications, ``BlockMask``s, ring kinds) under it; ``None`` means the plan is built again for
+        the call and kept nowhere (:meth:`cache_blocker` says why).
+
+        Named masks key on their parameters and the contents of the tensors they hold (at any size:
+        a tensor changed in place changes the key); :func:`from_fn` masks on a fingerprint of everything
+        the function can read (:mod:`qkv.fingerprint`). A subclass that holds data must key on all of it
+        (the default, ``None``, is always safe). While ``torch.compile`` traces, masks that hold tensors
+        answer ``None``: their values are not known then."""
         return None
+
+    def cache_blocker(self) -> str | None:
+        """``None`` when :meth:`cache_key` names this mask (its plans are cached); otherwise why not, in
+        words: plans for it are then built on every call (:func:`qkv.explain` shows this)."""
+        if self.cache_key() is not None:
+            return None
+        if _tracing():
+            return f"mask {self.name}: its tensors are not read while torch.compile traces"
+        return f"mask {self.name} names no cache key (a Mask subclass keys itself with cache_key())"
 
     # ---- public API --------------------------------------------------------------------------
     def tile(self, s: Shape, q0: int, q1: int, k0: int, k1: int) -> Tensor:
@@ -333,11 +351,13 @@ def _tracing() -> bool:
 
 
 def _tensor_key(t: Tensor) -> Hashable | None:
-    """A content key for a small tensor a mask holds (ids, lengths, layouts); ``None`` when large or
-    while tracing (a compiled region must not read tensor contents)."""
-    if t.numel() > 1 << 18 or _tracing():
+    """The content key of a tensor a mask holds (ids, lengths, layouts, a dense mask), at any size
+    (:func:`qkv.fingerprint.content_key`); ``None`` while tracing (a compiled region must not read
+    tensor contents) or for a tensor whose contents are not plain data."""
+    try:
+        return content_key(t)
+    except Unkeyable:
         return None
-    return (str(t.dtype), tuple(t.shape), t.detach().cpu().contiguous().numpy().tobytes())
 
 
 class _Binary(Mask):
@@ -360,8 +380,12 @@ class _Binary(Mask):
         return type(self)(self.a.globalize(gather), self.b.globalize(gather))
 
     def cache_key(self) -> Hashable | None:
-        ka, kb = self.a.cache_key(), self.b.cache_key()
+        ka = self.a.cache_key()
+        kb = None if ka is None else self.b.cache_key()
         return None if ka is None or kb is None else (self.op, ka, kb)
+
+    def cache_blocker(self) -> str | None:
+        return self.a.cache_blocker() or self.b.cache_blocker()
 
     def _to_device(self, device: torch.device) -> None:
         self.a._to_device(device)
@@ -426,6 +450,9 @@ class _Not(Mask):
     def cache_key(self) -> Hashable | None:
         k = self.a.cache_key()
         return None if k is None else ("~", k)
+
+    def cache_blocker(self) -> str | None:
+        return self.a.cache_blocker()
 
     def _to_device(self, device: torch.device) -> None:
         self.a._to_device(device)
@@ -867,7 +894,8 @@ class _Document(Mask):
         return _Document(qi, qi if self.kv_ids is self.q_ids else gather(self.kv_ids))
 
     def cache_key(self) -> Hashable | None:
-        qk, kk = _tensor_key(self.q_ids), _tensor_key(self.kv_ids)
+        qk = _tensor_key(self.q_ids)
+        kk = qk if self.kv_ids is self.q_ids else _tensor_key(self.kv_ids)  # self-attention: read once
         return None if qk is None or kk is None else ("document", qk, kk)
 
 
@@ -956,7 +984,8 @@ class _VarlenCausal(Mask):
         return _tied_to_layout(self)
 
     def cache_key(self) -> Hashable | None:
-        cq, ck = _tensor_key(self.cq), _tensor_key(self.ck)
+        cq = _tensor_key(self.cq)
+        ck = cq if self.ck is self.cq else _tensor_key(self.ck)
         return None if cq is None or ck is None else ("varlen_causal", cq, ck)
 
 
@@ -1141,8 +1170,8 @@ def from_dense(mask: Tensor) -> Mask:
 
 
 class _Fn(Mask):
-    def __init__(self, fn: MaskMod, name: str):
-        self.fn, self.name = fn, name
+    def __init__(self, fn: MaskMod, name: str, key: object = None):
+        self.fn, self.name, self.key = fn, name, key
 
     def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         out = self.fn(b, h, q, k)
@@ -1156,17 +1185,48 @@ class _Fn(Mask):
     def shard_blocker(self) -> str | None:
         return None  # a mask_mod speaks global indices
 
+    def _key(self) -> tuple[Hashable | None, str | None]:
+        if self.key is None:
+            k, why = fingerprint_or_none(self.fn)
+            return (None, f"mask_mod {self.name}: {why}") if k is None else (("fn", k), None)
+        # the user named what the function depends on: its code (or the callable itself) and that key
+        code = getattr(self.fn, "__code__", None)
+        k, why = fingerprint_or_none(self.key, max_bytes=None)
+        if k is None:
+            return None, f"mask_mod {self.name}: its key= cannot be keyed: {why}"
+        return ("fn-key", code if code is not None else Ref(self.fn), k), None
+
     def cache_key(self) -> Hashable | None:
-        return ("fn", self.fn)
+        return self._key()[0]
+
+    def cache_blocker(self) -> str | None:
+        return self._key()[1]
 
 
-def from_fn(mask_mod: MaskMod, name: str | None = None) -> Mask:
+def from_fn(mask_mod: MaskMod, name: str | None = None, *, key: object = None) -> Mask:
     """A mask from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
 
     The function receives raw indices (no bottom-right shift) as broadcastable integer tensors and
-    must be built from tensor operations (as FlexAttention requires) and be pure: the same function
-    object must always allow the same pairs, because plans (tile classifications) are cached per
-    function object. Tiles are classified by evaluating them.
+    must be built from tensor operations (as FlexAttention requires). Tiles are classified by
+    evaluating them, and that classification (the plan) is cached under a fingerprint of everything
+    the function can read, so FlexAttention's idiom is safe: a ``mask_mod`` that reads the current
+    batch's document ids from a tensor it closes over or names as a global may be passed again after
+    the ids changed (in place, or the global or closure cell rebound), and the plan follows them.
+    The fingerprint (:mod:`qkv.fingerprint`) covers the code, closure cells, defaults and the globals
+    the code names, followed through functions it calls, ``functools.partial``, bound methods and
+    objects, with tensors by contents; attributes of modules and ``nn.Module`` objects by the names the code
+    spells. Where it meets state it cannot read (a ``torch.Generator``, ``globals()``, a tensor while
+    ``torch.compile`` traces) the plan is built again on every call (:func:`qkv.explain` says so).
+
+    Args:
+        mask_mod: the function; ``mask_mod(b, h, q_idx, kv_idx)`` with ``b (B,1,1,1)``, ``h (1,H,1,1)``,
+            ``q_idx (1,1,Lq,1)``, ``kv_idx (1,1,1,Lk)`` integer tensors (or scalars under FlexAttention's
+            vmap) returns a bool tensor broadcastable to ``(B, H, Lq, Lk)``, True = may attend.
+        name: shown by ``repr`` and :func:`qkv.explain` (default: the function's ``__name__``).
+        key: for a function that reads state qkv cannot fingerprint: the values its answer depends on
+            (a tensor, numbers, a tuple of them), keyed by contents like the function's own state. The
+            fingerprint is then not taken: plans are cached per (the function's code, ``key``), so
+            ``key`` must name everything the answer depends on. ``None`` (the default): fingerprint.
 
     >>> from qkv import masks
     >>> def every_other(b, h, q_idx, kv_idx):
@@ -1178,7 +1238,9 @@ def from_fn(mask_mod: MaskMod, name: str | None = None) -> Mask:
     """
     if not callable(mask_mod):
         raise TypeError(f"from_fn: mask_mod must be callable, got {type(mask_mod).__name__}")
-    return _Fn(mask_mod, name or str(getattr(mask_mod, "__name__", "mask_mod")))
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"from_fn: name must be a string, got {type(name).__name__}")
+    return _Fn(mask_mod, name or str(getattr(mask_mod, "__name__", "mask_mod")), key)
 
 
 MaskLike = Union[Mask, Tensor, MaskMod]

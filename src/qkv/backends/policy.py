@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend, Request, tracing, unsupported
+from .plan import PLANS
 from .registry import get, registered
 
 __all__ = ["Choice", "candidates", "choose", "resolve"]
@@ -87,6 +88,11 @@ def candidates(req: Request) -> tuple[dict[str, Backend], dict[str, str]]:
 def choose(req: Request) -> Choice:
     """The backend ``auto`` runs for ``req``. Raises ``NotImplementedError`` (with every backend's
     reason) when none can serve it."""
+    with PLANS.scope():  # the mask's key is computed once, however many backends cost it
+        return _choose(req)
+
+
+def _choose(req: Request) -> Choice:
     ok, declined = candidates(req)
     if not ok and tracing():
         reasons = "; ".join(f"{n}: {w}" for n, w in declined.items() if registered()[n].automatic)
@@ -124,6 +130,11 @@ def resolve(req: Request, backend: str = "auto") -> tuple[Backend, Any]:
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    with PLANS.scope():
+        return _resolve(req, backend)
+
+
+def _resolve(req: Request, backend: str) -> tuple[Backend, Any]:
     if tracing():
         return _resolve_traced(req, backend)
     if backend == "auto":
