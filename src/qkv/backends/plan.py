@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..masks import EMPTY, FULL, PARTIAL, Mask, Shape
 
-__all__ = ["PLANS", "Band", "PlanCache", "Segment", "Tile", "TilePlan", "block_codes", "plan_tiles", "tile_plan"]
+__all__ = ["PLANS", "Band", "PlanCache", "PlanScope", "Segment", "Tile", "TilePlan", "block_codes", "plan_tiles", "tile_plan"]
 
 T = TypeVar("T")
 
@@ -40,13 +40,13 @@ BAND_ROWS = 64
 _MISSING = object()
 
 
-class _Scope:
+class PlanScope:
     """The context of :meth:`PlanCache.scope` (a class: cheaper than a generator per call)."""
 
     __slots__ = ("local", "outer")
 
-    def __init__(self, local: threading.local) -> None:
-        self.local = local
+    def __init__(self, local: Any) -> None:
+        self.local = local  # the cache's threading.local
         self.outer = False
 
     def __enter__(self) -> None:
@@ -75,12 +75,12 @@ class PlanCache:
         self.hits = 0
         self.uncached = 0
 
-    def scope(self) -> _Scope:
+    def scope(self) -> PlanScope:
         """One call of attention (``auto``'s choice, a backend's plan and its run): inside it a mask's key
         is computed once however many backends ask (a ``mask_mod``'s fingerprint reads its tensors), and
         a plan is looked up (or, for a mask without a key, built) once. Nested scopes join the outermost.
         Use as ``with PLANS.scope(): ...``."""
-        return _Scope(self._local)
+        return PlanScope(self._local)
 
     def key(self, mask: Mask) -> Hashable | None:
         """``mask.cache_key()``, computed once per :meth:`scope`."""
