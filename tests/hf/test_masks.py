@@ -88,8 +88,11 @@ def test_bidirectional_encoders_with_padding_and_local_windows():
     ref, got = both(mu.create_bidirectional_mask, _config(), 9, am)
     assert torch.equal(dense(got, 2), ref)
     structure(got)
-    ref, got = both(mu.create_bidirectional_mask, _config(), 9, None)
-    assert got.mask is None and bool(ref.all())
+    cfg = _config()
+    embeds = torch.zeros(2, 9, cfg.hidden_size)
+    for impl in ("eager", "qkv"):  # nothing to mask: HF's builder gives None, and so does qkv's
+        cfg._attn_implementation = impl
+        assert mu.create_bidirectional_mask(config=cfg, inputs_embeds=embeds, attention_mask=None) is None
     cfg = _config(2)  # ModernBERT's local layers: |q - k| <= sliding_window
     ref, got = both(mu.create_bidirectional_sliding_window_mask, cfg, 9, am)
     assert torch.equal(dense(got, 2), ref)
