@@ -101,6 +101,17 @@ SINK_SHARE: dict[str, str] = {
 """Architectures whose eager weights leave out a learned sink's share that qkv's weights keep (rows that
 sum to less than one, as GPT-OSS's eager returns them); rescaled to sum to one they must match."""
 
+READS_MASK: dict[str, str] = {
+    **dict.fromkeys(
+        ["deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "dots3_note", "dots3_note_text", "kolibri1_1"],
+        "a sparse-attention indexer scores the keys under the mask (mask[:, 0]) and picks the top ones",
+    ),
+    "deepseek_v4": "extends the mask by the compressed keys it appends (torch.cat / F.pad)",
+    "doge": "builds its dynamic mask from the mask (mask != 0) and passes that on",
+}
+"""Architectures whose own code reads the attention mask, and what it does with it (reviewed): they get HF's
+eager mask, built on first use. Every other architecture must run without building an ``Lq x Lk`` mask."""
+
 HOOKS: dict[str, Callable[[Any], None]] = {
     "xmod": lambda model: model.set_default_language("en_XX"),
 }
@@ -239,6 +250,10 @@ def check(model_type: str) -> dict[str, Any]:
             hf_masks.HFMask.dense = dense  # type: ignore[method-assign]
         calls, read = CALLS["attention"], CALLS["dense"]
     assert calls > 0, f"{model_type}: the qkv attention function was never called"
+    assert (read > 0) == (model_type in READS_MASK), (
+        f"{model_type}: the dense mask was {'built' if read else 'not built'}; READS_MASK says"
+        f" {'it reads the mask' if model_type in READS_MASK else 'it does not read the mask'}"
+    )
     scale = float(ref.logits[real].abs().max())
     tol = TOL * max(scale, 1.0)
     for name, got in (("logits", out.logits), ("logits with weights", outw.logits)):
@@ -295,7 +310,7 @@ def test_the_count_of_architectures_on_qkv(capsys):
     assert all(n in pluggable for n in listed), "CANNOT lists an architecture that is not pluggable"
     runs = [n for n in pluggable if n not in CANNOT]
     assert len(runs) + len(listed) == len(pluggable) and len(runs) >= 100
-    unused = sorted({n for table in (CANNOT, SINK_SHARE, FIXES, HOOKS) for n in table} - set(names))
+    unused = sorted({n for table in (CANNOT, SINK_SHARE, FIXES, HOOKS, READS_MASK) for n in table} - set(names))
     with capsys.disabled():
         print(
             f"\ntransformers {transformers.__version__}: {len(runs)} of {len(pluggable)} causal-LM architectures that"
