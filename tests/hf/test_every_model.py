@@ -7,11 +7,12 @@ The sweep walks ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``; every class that declares
 
 * ``"eager"`` in float32: HF's reference implementation (in float64 its softmax runs in float32, where
   float64's mask value is ``-inf`` and the padded rows turn the whole batch to NaN);
-* ``"qkv"`` in float64, without and with ``output_attentions``;
-* both greedy-generating a few tokens with the KV cache (the cache's offsets, the sliding-window layers'
-  dropped keys).
+* ``"qkv"`` in float64 with ``output_attentions`` (the weights, and the logits at every position);
+* both greedy-generating two tokens: the prompt's forward without weights (qkv's main path; its last
+  position's logits), then a step with the KV cache (the cache's offsets, the sliding-window layers'
+  dropped keys), logits compared at each step.
 
-The logits (at real tokens), the attention weights (at real query rows) and the tokens must match within
+The logits (at real tokens; at every step of the generation), the attention weights (at real query rows) and the tokens must match within
 eager's own float32 rounding. Weights differ only where a learned sink's share is counted differently
 (``SINK_SHARE``: the model's eager drops the sink from the weights it returns, qkv's weights keep it;
 rescaled to sum to one they match). Models that cannot be built tiny, or that HF itself cannot run under
@@ -37,7 +38,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import qkv.hf  # noqa: E402
 from qkv.hf import masks as hf_masks  # noqa: E402
 
-V, L, PAD, NEW = 128, 10, 3, 3  # vocabulary, prompt length, left padding of row 0, generated tokens
+V, L, PAD, NEW = 128, 10, 3, 2  # vocabulary, prompt length, left padding of row 0, generated tokens
 TOL = 1e-4  # relative to the largest logit: eager's float32 rounding is ~1e-6 of it
 
 SIZES: dict[str, int] = dict(
@@ -234,7 +235,10 @@ def check(model_type: str) -> dict[str, Any]:
     ids, am = _batch()
     real = am.bool()
     pad = cfg.pad_token_id if isinstance(getattr(cfg, "pad_token_id", None), int) else 0
-    gen_kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=pad)
+    gen_kw = dict(
+        max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=pad, output_logits=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=am, output_attentions=True)
         ref_gen = model.generate(input_ids=ids, attention_mask=am, **gen_kw)
@@ -243,7 +247,6 @@ def check(model_type: str) -> dict[str, Any]:
         dense = hf_masks.HFMask.dense
         hf_masks.HFMask.dense = _counting(dense, "dense")  # type: ignore[method-assign]
         try:
-            out = model(input_ids=ids, attention_mask=am)
             outw = model(input_ids=ids, attention_mask=am, output_attentions=True)
             gen = model.generate(input_ids=ids, attention_mask=am, **gen_kw)
         finally:
@@ -256,9 +259,14 @@ def check(model_type: str) -> dict[str, Any]:
     )
     scale = float(ref.logits[real].abs().max())
     tol = TOL * max(scale, 1.0)
-    for name, got in (("logits", out.logits), ("logits with weights", outw.logits)):
-        err = float((got[real] - ref.logits[real].double()).abs().max())
-        assert err <= tol, f"{model_type}: {name} differ from eager by {err:.3g} (tolerance {tol:.3g})"
+    err = float((outw.logits[real] - ref.logits[real].double()).abs().max())
+    assert err <= tol, f"{model_type}: logits differ from eager by {err:.3g} (tolerance {tol:.3g})"
+    # generating: the prompt's forward without weights (qkv's main path), then decoding with the cache
+    for step, (a, b) in enumerate(zip(ref_gen.logits, gen.logits)):
+        e = float((a.double() - b).abs().max())
+        assert e <= tol, f"{model_type}: generation step {step}'s logits differ from eager by {e:.3g} (tolerance {tol:.3g})"
+        err = max(err, e)
+    gen, ref_gen = gen.sequences, ref_gen.sequences
     werr, shared = _weights(model_type, ref.attentions, outw.attentions, real)
     assert torch.equal(gen, ref_gen), f"{model_type}: greedy tokens {gen[:, L:].tolist()}, eager's {ref_gen[:, L:].tolist()}"
     return dict(logits=err, weights=werr, sink_share=shared, attention_calls=calls, model_read_mask=read > 0)
