@@ -11,12 +11,15 @@
 call on :func:`qkv.attention`, grouped-query heads as they are, ``scaling``, Gemma 2's ``softcap``,
 dropout in training, ``output_attentions`` from qkv's weights on demand) and a mask builder
 (:func:`~qkv.hf.masks.build_mask`: causal, sliding windows, padding on either side, packed sequences and
-the KV cache's offset as a qkv ``Mask``, never as an ``Lq x Lk`` tensor) to ``transformers``'
+the KV cache's offset as a qkv ``Mask`` inside an :class:`~qkv.hf.masks.HFMask`, a tensor that stands for
+HF's own ``eager`` mask and is built only if the model's own code reads it) to ``transformers``'
 ``AttentionInterface`` and ``AttentionMaskInterface``. Models whose attention layers use that interface
 (``model.is_backend_compatible()``: Llama, Mistral, Qwen2, Gemma 2, GPT-2, BERT, ModernBERT, ...) then run
 on qkv, and ``backend="auto"`` picks ``tiled`` where the mask leaves tiles to skip.
 
-Needs the ``hf`` extra (``pip install qkv[hf]``); tested with ``transformers`` 5.24.
+Needs the ``hf`` extra (``pip install qkv[hf]``); tested with ``transformers`` 5.25 and 5.24
+(``tests/hf/test_every_model.py`` runs every causal-LM architecture that declares pluggable attention
+against ``eager``).
 """
 
 from __future__ import annotations

@@ -47,21 +47,53 @@ def wants_weights(module: nn.Module, kwargs: dict[str, Any]) -> bool:
     return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
-def _mask_from_tensor(t: Tensor, query: Tensor) -> tuple[Mask | None, ScoreMod | None]:
-    """A 4-D mask tensor a model passed instead of the builder's result: bool (True = may attend) as a
-    dense mask; an additive float mask as a mask when it only holds 0 and very negative values (what HF's
-    eager builder makes), else as a bias."""
+_REFUSED = {
+    "position_bias": "a T5-style additive position bias",
+    "block_indices": "a block-sparse indexer's selection, MiniMax-M3's",
+    "sinks": "per-token attention sinks; per-head sinks come as s_aux",
+}
+"""Arguments some HF models pass that would change the answer and are not mapped: refused, not ignored."""
+
+
+def _mask_from_tensor(t: Tensor, query: Tensor, Lk: int) -> tuple[Mask | None, ScoreMod | None]:
+    """A 4-D mask tensor a model passed instead of the builder's result (a mask it edited, sliced or made
+    itself): bool (True = may attend) as a dense mask; an additive float mask as a mask when it only holds
+    0 and very negative values (what HF's eager builder makes), else as a bias. Key columns beyond the
+    layer's ``Lk`` are dropped, as HF's eager and sdpa functions do."""
     if t.dim() != 4:
         raise ValueError(
             f"attention_mask: the qkv attention function takes the mask its builder made or a 4-D tensor"
             f" (B|1, 1|H, Lq, Lk), got shape {tuple(t.shape)}"
         )
+    if t.shape[-1] > Lk:
+        t = t[..., :Lk]
     if t.dtype == torch.bool:
         return from_dense(t), None
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"attention_mask: a mask tensor must be bool or an additive float, got dtype {t.dtype}")
     keep = t > torch.finfo(t.dtype).min / 2
     if bool((t[keep] == 0).all()):
         return from_dense(keep), None
     return None, bias(t.to(query.dtype))
+
+
+def _selected(indices: Tensor, query: Tensor, Lk: int) -> Mask:
+    """The keys a sparse-attention indexer selected (DeepSeek-V3.2's DSA and its kin): ``indices``
+    ``(B, Lq, topk)`` or ``(B, H|1, Lq, topk)`` of key positions, ``-1`` for none, as the model hands its
+    non-eager implementations (eager and sdpa get the same selection folded into the mask)."""
+    B, H, Lq = query.shape[0], query.shape[1], query.shape[2]
+    if indices.dim() == 3:
+        indices = indices.unsqueeze(1)
+    if indices.dim() != 4 or indices.shape[0] != B or indices.shape[1] not in (1, H) or indices.shape[2] != Lq:
+        raise ValueError(
+            f"indices: the selected keys must be (B, Lq, topk) or (B, H|1, Lq, topk) for query"
+            f" {tuple(query.shape)}, got shape {tuple(indices.shape)}"
+        )
+    idx = indices.long()
+    idx = torch.where((idx < 0) | (idx >= Lk), Lk, idx)  # -1 (none) lands in a column that is dropped
+    sel = torch.zeros(*idx.shape[:3], Lk + 1, dtype=torch.bool, device=query.device)
+    sel.scatter_(-1, idx.to(query.device), True)
+    return from_dense(sel[..., :Lk])
 
 
 def _mask_without_builder(module: nn.Module, is_causal: bool | None, window: int | None) -> Mask | None:
@@ -108,9 +140,12 @@ def attention_forward(
         s_aux: attention sinks; see :func:`sinks_to_qkv`.
         backend: the qkv backend (``"auto"`` unless registered otherwise).
         options: backend options for :func:`qkv.attention` (``block_q``, ``block_k``).
-        **kwargs: HF's other arguments; ``output_attentions`` asks for the weights. ``position_bias`` is
-            refused (not mapped yet); the rest (positions, cache flags, flash-attn's varlen lengths, which
-            the builder's mask already holds) are ignored.
+        **kwargs: HF's other arguments. ``output_attentions`` asks for the weights; ``indices`` (the keys a
+            sparse-attention indexer selected per query, ``(B, Lq, topk)``: DeepSeek-V3.2 and its kin hand
+            them to every implementation but eager and sdpa) narrows the mask to those keys.
+            ``position_bias``, ``block_indices`` and per-token ``sinks`` are refused (not mapped yet: an
+            error, not a different answer); the rest (positions, cache flags, flash-attn's varlen lengths,
+            which the builder's mask already holds) are ignored.
 
     Returns:
         ``(out (B, Lq, H, Dv), weights (B, H, Lq, Lk) or None)``, in ``query``'s dtype. The weights are the
@@ -120,8 +155,9 @@ def attention_forward(
     extra: dict[str, Any] = dict(options or {})
     if s_aux is not None:
         extra.update(sinks_to_qkv(s_aux))
-    if kwargs.get("position_bias") is not None:
-        raise NotImplementedError("the qkv attention function does not take position_bias (T5-style) yet")
+    for name, what in _REFUSED.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"the qkv attention function does not take {name} ({what}) yet")
     Lq, Lk = query.shape[2], key.shape[2]
     score_mod: ScoreMod | None = softcap_mod(softcap)
     if isinstance(attention_mask, HFMask):
@@ -132,7 +168,7 @@ def attention_forward(
             )
         mask = attention_mask.mask
     elif isinstance(attention_mask, Tensor):
-        mask, extra_bias = _mask_from_tensor(attention_mask, query)
+        mask, extra_bias = _mask_from_tensor(attention_mask, query, Lk)
         if extra_bias is not None:
             score_mod = extra_bias if score_mod is None else score_mod.then(extra_bias)
     elif attention_mask is None:
@@ -143,6 +179,9 @@ def attention_forward(
             f" None, got {type(attention_mask).__name__}; was the model switched to 'qkv' with qkv.hf.register()"
             " called first?"
         )
+    if kwargs.get("indices") is not None:
+        selected = _selected(kwargs["indices"], query, Lk)
+        mask = selected if mask is None else mask & selected
     p = float(dropout) if module.training else 0.0
     args: dict[str, Any] = dict(mask=mask, score_mod=score_mod, scale=scaling, dropout_p=p, backend=backend, **extra)
     if wants_weights(module, kwargs):
