@@ -1,5 +1,5 @@
 """qkv's models eager against ``torch.compile``: GPT and a transformer encoder with causal, sliding-window,
-document and padding masks, as ratios measured in the same run (issue 20).
+document and padding masks, as ratios measured in the same run.
 
     PYTHONPATH=src python benchmarks/bench_compile.py            # 2k tokens, d=128, 2 layers, 4 heads
     PYTHONPATH=src python benchmarks/bench_compile.py --quick    # 512 tokens, 3 rounds

@@ -1,4 +1,5 @@
-"""The CPU target of the ``flex`` backend (issue 12), as ratios from one run, printed met / not met.
+"""The CPU target of the ``flex`` backend (qkv's overhead over raw FlexAttention), as ratios from one run,
+printed met / not met.
 
     nice -n -19 python benchmarks/bench_flex.py            # ~2-4 min on 2 cores (4 compiles of ~20 s)
     python benchmarks/bench_flex.py --L 2048 --repeats 3   # smaller

@@ -1,5 +1,5 @@
-"""The targets of the ``tiled`` backend (issues 3 and 14), in float32 and bfloat16, each as a ratio from
-one run, printed met / not met.
+"""The speed and memory targets of the ``tiled`` backend against SDPA and compiled FlexAttention, in
+float32 and bfloat16, each as a ratio from one run, printed met / not met.
 
     python benchmarks/bench_tiled.py                     # fp32 and bf16; ~5 minutes on 2 cores (Flex compiles)
     python benchmarks/bench_tiled.py --dtypes bfloat16   # one dtype

@@ -74,7 +74,7 @@ def _import_dotted(path: str) -> Any:
             continue
     try:
         obj: Any = importlib.import_module(parts[0])
-        for attr in parts[1:]:  # ``qkv.analysis.capture`` is the function that shadows its module
+        for attr in parts[1:]:  # ``qkv.attention`` is the function that shadows its module
             obj = getattr(obj, attr)
     except (ImportError, AttributeError):
         return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qkv.analysis.heads_detect import detect_heads, head_scores, repeated_tokens, strong_heads, target_mask
+from qkv.analysis.heads_detect import detect_heads, head_scores, heads_above, repeated_tokens, target_mask
 from toys import InductionModel
 
 
@@ -39,7 +39,7 @@ def test_the_hand_built_heads_are_found():
     assert s["previous"].shape == (2, 1)
     assert float(s["previous"][0, 0]) > 0.99 and float(s["previous"][1, 0]) < 0.3
     assert float(s["induction"][1, 0]) > 0.99 and float(s["induction"][0, 0]) < 0.01
-    assert strong_heads(s["induction"]) == [(1, 0, pytest.approx(float(s["induction"][1, 0])))]
+    assert heads_above(s["induction"]) == [(1, 0, pytest.approx(float(s["induction"][1, 0])))]
     # break the previous-token head (it now attends to itself): the induction head loses its input
     with torch.no_grad():
         m.l0.q_proj.weight.zero_()

@@ -277,7 +277,7 @@ def test_head_ablation_equals_zeroing_the_heads_values():
         M.head_ablation(nn.Linear(2, 2), _loss, batch)
 
 
-def test_head_table_and_strongest_heads():
+def test_head_table_and_best_head_per_column():
     tokens = ["[CLS]", "a", ",", "[SEP]"]
     sep_head = [[0, 0, 0, 1.0]] * 4
     prev_head = [[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]
@@ -288,10 +288,10 @@ def test_head_table_and_strongest_heads():
     assert r0["sep"] == 1.0 and r0["cls"] == 0.0 and r0["entropy"] == 0.0
     assert r1["prev"] == 1.0 and r1["cls"] == 0.5 and r1["punct"] == 0.25 and r1["self"] == 0.25
     assert set(M.TABLE_COLUMNS) <= set(r0)
-    best = M.strongest_heads(table)
+    best = M.best_head_per_column(table)
     assert best["sep"]["name"] == "L0H0" and best["prev"]["name"] == "L0H1"
     no_tokens = M.head_table([w])
-    assert math.isnan(no_tokens[0]["sep"]) and "sep" not in M.strongest_heads(no_tokens)
+    assert math.isnan(no_tokens[0]["sep"]) and "sep" not in M.best_head_per_column(no_tokens)
 
 
 def test_bad_weights():

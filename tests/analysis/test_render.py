@@ -13,7 +13,7 @@ from qkv.analysis.render import (
     plot_alignment,
     plot_grid,
     plot_head,
-    plot_importance,
+    plot_token_importance,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -120,18 +120,18 @@ def test_errors_name_the_argument(tmp_path):
 
 def test_plot_importance_rows_per_method(tmp_path):
     toks = ["[CLS]", "$5", "cat", "<b>", "[SEP]"]
-    a = plot_importance(
+    a = plot_token_importance(
         {"attention": torch.tensor([0.5, 0.1, 0.2, 0.1, 0.1]), "grad": -torch.arange(5.0)}, toks, tmp_path / "a.png"
     )
-    b = plot_importance(
+    b = plot_token_importance(
         {"attention": torch.tensor([0.1, 0.1, 0.2, 0.1, 0.5]), "grad": -torch.arange(5.0)}, toks, tmp_path / "b.png"
     )
     assert a.read_bytes()[:8] == PNG_MAGIC and not np.array_equal(imread(a), imread(b))
-    long = plot_importance(
+    long = plot_token_importance(
         {"x": np.random.default_rng(0).random(300)}, [str(i) for i in range(300)], tmp_path / "l.png"
     )
     assert imread(long).shape[1] <= int((16.0 + 2.4) * 110) + 2  # bounded width, however many tokens
     with pytest.raises(ValueError, match="one value per token"):
-        plot_importance({"a": torch.ones(3), "b": torch.ones(4)}, None, tmp_path / "x.png")
+        plot_token_importance({"a": torch.ones(3), "b": torch.ones(4)}, None, tmp_path / "x.png")
     with pytest.raises(ValueError, match="tokens has 2 tokens"):
-        plot_importance({"a": torch.ones(3)}, ["a", "b"], tmp_path / "x.png")
+        plot_token_importance({"a": torch.ones(3)}, ["a", "b"], tmp_path / "x.png")

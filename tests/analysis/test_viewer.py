@@ -308,22 +308,22 @@ def test_2k_tokens_load_fast(browser, tmp_path):
 
 def _importance_page(path):
     imp = {"attention": torch.linspace(0, 1, L), "leave_one_out <x>": np.arange(L, dtype=float)[::-1].copy()}
-    return write_viewer([_layers()[0]], TOKENS, path, importance=imp), imp
+    return write_viewer([_layers()[0]], TOKENS, path, token_importance=imp), imp
 
 
-def test_importance_rows_are_stored_and_escaped(tmp_path):
+def test_token_importance_rows_are_stored_and_escaped(tmp_path):
     p, imp = _importance_page(tmp_path / "imp.html")
     text, meta, _ = _decode(p)
     assert EVIL not in text
     rows = meta["importance"]["rows"]
     assert meta["importance"]["tokens"] == TOKENS and [r["name"] for r in rows] == list(imp)
     np.testing.assert_allclose(rows[1]["values"], np.arange(L)[::-1])
-    with pytest.raises(ValueError, match=r"importance\['a'\] has 3 values for 12 tokens"):
-        write_viewer([_layers()[0]], TOKENS, tmp_path / "bad.html", importance={"a": [1.0, 2.0, 3.0]})
+    with pytest.raises(ValueError, match=r"token_importance\['a'\] has 3 values for 12 tokens"):
+        write_viewer([_layers()[0]], TOKENS, tmp_path / "bad.html", token_importance={"a": [1.0, 2.0, 3.0]})
     assert _decode(_small_page(tmp_path / "none.html"))[1]["importance"] is None
 
 
-def test_importance_rows_in_chromium(browser, tmp_path):
+def test_token_importance_rows_in_chromium(browser, tmp_path):
     p, _ = _importance_page(tmp_path / "imp.html")
     pg = Page(browser, p)
     assert pg.data("importanceRows") == "2"

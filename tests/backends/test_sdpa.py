@@ -155,9 +155,9 @@ def test_dropout_applies_on_the_dense_mask_path_too():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_training_with_grouped_heads_meets_the_rule(monkeypatch, dtype):
-    """The issue's case: B=2, H=8, Hkv=2, 512 tokens, D=128, causal. Straight through PyTorch (bf16 or
-    fp16 in, enable_gqa) dV's error is 2.7-3.6x that of the formula computed in the low dtype, over the
-    rule; computed in float32 it meets it."""
+    """Grouped-query training in half precision: B=2, H=8, Hkv=2, 512 tokens, D=128, causal. Straight
+    through PyTorch (bf16 or fp16 in, enable_gqa) dV's error is 2.7-3.6x that of the formula computed in the
+    low dtype, over the rule; computed in float32 it meets it."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 8, 512, 128, generator=g).to(dtype)
     k, v = (torch.randn(2, 2, 512, 128, generator=g).to(dtype) for _ in range(2))

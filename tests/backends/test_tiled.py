@@ -290,7 +290,8 @@ def test_auto_picks_tiled_where_it_skips_work_or_sdpa_would_not_fit(monkeypatch)
     assert qkv.explain(q, q, q).backend == "sdpa"
     assert qkv.explain(q, q, q, mask=M.causal()).backend == "sdpa"
     # SDPA with any explicit mask runs 2-3x slower than without one on the CPU: a padding mask goes to
-    # tiled, which runs the kept keys with no mask at all (issue 11: 2.7x regret at 75% kept, before)
+    # tiled, which runs the kept keys with no mask at all (sent to SDPA, it ran 2.7x slower than the
+    # fastest backend with 75% of the keys kept)
     e = qkv.explain(q, q, q, mask=M.padding(4000))
     assert e.backend == "tiled" and "non-empty" in e.reason
     assert qkv.explain(q, q, q, mask=window, dropout_p=0.1).backend == "sdpa"
@@ -348,9 +349,10 @@ def test_half_precision_goes_to_the_fused_kernel_as_it_is(monkeypatch, dtype, ma
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_training_with_grouped_heads_meets_the_rule(dtype):
-    """The issue's case (B=2, H=8, Hkv=2, 512 tokens, D=128, causal): PyTorch's one-call backward
-    gives dV 2.7-3.6x the error of the formula computed in bf16 (tests/backends/test_kernels.py shows
-    it); tiled's backward, one head per key head and its calls summed in float32, meets the rule."""
+    """Grouped-query training in half precision (B=2, H=8, Hkv=2, 512 tokens, D=128, causal): PyTorch's
+    one-call backward gives dV 2.7-3.6x the error of the formula computed in bf16
+    (tests/backends/test_kernels.py shows it); tiled's backward, one head per key head and its calls summed
+    in float32, meets the rule."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 8, 512, 128, generator=g).to(dtype)
     k, v = (torch.randn(2, 2, 512, 128, generator=g).to(dtype) for _ in range(2))

@@ -1,4 +1,5 @@
-"""qkv's models inside ``torch.compile`` and ``torch.export`` (issue 20).
+"""qkv's models inside ``torch.compile`` and ``torch.export``: no graph break in qkv's code, no recompile for a
+new batch of one shape, and the compiled or exported output equal to the formula.
 
 Graph breaks are counted with ``torch._dynamo.explain`` and attributed to qkv's files; recompiles are
 counted with a backend that counts the graphs it is handed. The oracle for every compiled output is

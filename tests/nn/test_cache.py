@@ -10,13 +10,13 @@ import torch
 
 from qkv.masks import Mask, causal, padding, sliding_window
 from qkv.nn import (
+    CrossAttentionKVCache,
     FixedKVCache,
     GrowingKVCache,
     KVCache,
     MultiHeadAttention,
     RotaryEmbedding,
     SlidingWindowKVCache,
-    StaticKVCache,
 )
 from qkv.scores import ScoreMod, alibi
 
@@ -135,7 +135,7 @@ def test_static_cache_for_cross_attention() -> None:
     torch.manual_seed(0)
     m = MultiHeadAttention(8, 2, kdim=6).double().eval()
     x, mem = torch.randn(2, 5, 8, dtype=D64), torch.randn(2, 7, 6, dtype=D64)
-    sc = StaticKVCache()
+    sc = CrossAttentionKVCache()
     with torch.no_grad():
         want = m(x, mem)
         got = torch.cat([m(x[:, :1], mem, cache=sc)] + [m(x[:, t : t + 1], None, cache=sc) for t in range(1, 5)], 1)

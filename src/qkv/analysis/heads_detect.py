@@ -21,16 +21,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .capture import capture
+from .attention_maps import capture
 from .measures import _as_layers
 
 if TYPE_CHECKING:
-    from .capture import AttentionMaps
+    from .attention_maps import AttentionMaps
 
-__all__ = ["PATTERNS", "detect_heads", "head_scores", "repeated_tokens", "strong_heads", "target_mask"]
+__all__ = ["DETECTED_PATTERNS", "detect_heads", "head_scores", "heads_above", "repeated_tokens", "target_mask"]
 
-PATTERNS = ("previous", "duplicate", "induction")
-"""The patterns :func:`head_scores` knows."""
+DETECTED_PATTERNS = ("previous", "duplicate", "induction")
+"""The patterns :func:`head_scores` and :func:`detect_heads` score heads on (the target keys of each:
+:func:`target_mask`)."""
 
 
 def repeated_tokens(
@@ -69,7 +70,7 @@ def target_mask(ids: Tensor, pattern: str) -> Tensor:
     if pattern == "induction":
         prev = torch.cat([torch.full((B, 1), -1, dtype=ids.dtype), ids[:, :-1]], dim=1)  # ids[j - 1]; none at j = 0
         return before & (prev[:, None, :] == ids[:, :, None]) & (j >= 1)
-    raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")
+    raise ValueError(f"pattern must be one of {', '.join(DETECTED_PATTERNS)}, got {pattern!r}")
 
 
 def head_scores(
@@ -115,7 +116,7 @@ def head_scores(
 
 
 def detect_heads(
-    model: nn.Module, ids: Tensor, *args: Any, patterns: Sequence[str] = PATTERNS, **kwargs: Any
+    model: nn.Module, ids: Tensor, *args: Any, patterns: Sequence[str] = DETECTED_PATTERNS, **kwargs: Any
 ) -> dict[str, Tensor]:
     """Run ``model(ids, *args, **kwargs)`` once (through :func:`qkv.analysis.capture`: qkv models, ``nn.MultiheadAttention``
     trees, Hugging Face models) and score every head for each pattern: ``{pattern: (layers, H)}``."""
@@ -124,8 +125,15 @@ def detect_heads(
     return {p: head_scores(maps, ids, p, valid) for p in patterns}
 
 
-def strong_heads(scores: Tensor, threshold: float = 0.4) -> list[tuple[int, int, float]]:
-    """The heads whose score exceeds ``threshold``, strongest first: ``(layer, head, score)``."""
+def heads_above(scores: Tensor, threshold: float = 0.4) -> list[tuple[int, int, float]]:
+    """Every head whose score is strictly above ``threshold``, highest first.
+
+    Args:
+        scores: ``(layers, H)``, one pattern's scores (a value of :func:`detect_heads`, or :func:`head_scores`).
+        threshold: the score a head must exceed.
+
+    Returns:
+        A list of ``(layer, head, score)`` (layers and heads from 0), possibly empty."""
     if scores.dim() != 2:
         raise ValueError(f"scores must be (layers, H), got {tuple(scores.shape)}")
     found = [(int(l), int(h), float(scores[l, h])) for l, h in torch.nonzero(scores > threshold).tolist()]

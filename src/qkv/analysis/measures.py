@@ -8,9 +8,10 @@ at key position ``i + Lk - Lq`` (bottom-right, as in :func:`qkv.attention`).
 
 Across layers: :func:`head_distances` (Jensen-Shannon) and :func:`mds` (a 2-D map of all heads),
 :func:`attention_rollout` and :func:`attention_flow` (Abnar and Zuidema 2020), :func:`collapse` (entropy and
-rank collapse), :func:`head_importance` and :func:`head_ablation` (Michel et al. 2019), and
-:func:`head_table`, one row of measures per head; :func:`sink_rate` (Gu et al. 2025), the share of heads
-that park their attention on the first token.
+rank collapse), :func:`head_importance` and :func:`head_ablation` (Michel et al. 2019: how much each *head*
+matters to a loss; how much each *token* matters is :mod:`qkv.analysis.token_importance`), and
+:func:`head_table`, one row of measures per head, with :func:`best_head_per_column`; :func:`sink_rate` (Gu et
+al. 2025), the share of heads that park their attention on the first token.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ from torch import Tensor, nn
 from .interventions import attention_modules, scale_heads
 
 if TYPE_CHECKING:
-    from .capture import AttentionMaps
+    from .attention_maps import AttentionMaps
 
 __all__ = [
+    "SPECIAL_TOKENS",
+    "TABLE_COLUMNS",
     "attention_flow",
     "attention_rollout",
+    "best_head_per_column",
     "collapse",
+    "flow_graph",
     "head_ablation",
     "head_distances",
     "head_entropy",
@@ -49,10 +54,10 @@ __all__ = [
     "sink_rate",
     "sink_scores",
     "special_positions",
-    "strongest_heads",
 ]
 
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "<s>", "</s>", "<|endoftext|>")
+"""The tokens :func:`special_positions` marks by default (BERT's, RoBERTa's and GPT-2's)."""
 
 
 def _check(w: Tensor, name: str = "w") -> Tensor:
@@ -616,10 +621,18 @@ def head_table(
     return rows
 
 
-def strongest_heads(
+def best_head_per_column(
     table: Sequence[dict[str, Any]], columns: Sequence[str] = ("cls", "sep", "punct", "self", "prev", "next", "entropy")
 ) -> dict[str, dict[str, Any]]:
-    """For each column of a :func:`head_table`, the row of the head with the largest value (NaN skipped)."""
+    """The head with the largest value in each column of a :func:`head_table` (NaN values skipped).
+
+    Args:
+        table: the rows of :func:`head_table` (one dict per head).
+        columns: the columns to look at.
+
+    Returns:
+        ``{column: row}``, the whole row of the best head for each column that has a value (a column that
+        is NaN for every head, such as ``sep`` without tokens, is left out)."""
     best: dict[str, dict[str, Any]] = {}
     for c in columns:
         rows = [r for r in table if isinstance(r.get(c), float) and not math.isnan(r[c])]

@@ -23,7 +23,15 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["MAX_TICK_LABELS", "downsample_max", "plot_alignment", "plot_grid", "plot_head", "plot_importance"]
+__all__ = [
+    "MAX_DISPLAY",
+    "MAX_TICK_LABELS",
+    "downsample_max",
+    "plot_alignment",
+    "plot_grid",
+    "plot_head",
+    "plot_token_importance",
+]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -290,7 +298,7 @@ def plot_grid(
     return _save(fig, path)
 
 
-def plot_importance(
+def plot_token_importance(
     importances: dict[str, ArrayLike],
     tokens: Sequence[str] | None,
     path: PathLike,

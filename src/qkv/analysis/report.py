@@ -24,24 +24,24 @@ from typing import Any
 
 from torch import Tensor
 
-from .capture import AttentionMaps
+from .attention_maps import AttentionMaps
 from .measures import (
     TABLE_COLUMNS,
     attention_rollout,
+    best_head_per_column,
     collapse,
     head_distances,
     head_table,
     mds,
     sink_rate,
     sink_scores,
-    strongest_heads,
 )
 from .render import plot_grid, plot_head
 from .viewer import write_viewer
 
-__all__ = ["PATTERNS", "SINK_THRESHOLD", "HeadReport", "write_head_report"]
+__all__ = ["BEST_HEAD_COLUMNS", "SINK_THRESHOLD", "HeadReport", "write_head_report"]
 
-PATTERNS: dict[str, str] = {
+BEST_HEAD_COLUMNS: dict[str, str] = {
     "cls": "[CLS]",
     "sep": "[SEP]",
     "punct": "punctuation",
@@ -50,7 +50,8 @@ PATTERNS: dict[str, str] = {
     "next": "next token",
     "entropy": "broad attention",
 }
-"""The patterns a report names the strongest head of, as ``head_table`` column -> what the head attends to."""
+"""The :func:`~qkv.analysis.measures.head_table` columns a report names the best head of (by
+:func:`~qkv.analysis.measures.best_head_per_column`), each with what a head strong on it does."""
 
 
 @dataclass
@@ -59,7 +60,7 @@ class HeadReport:
 
     Attributes:
         table: one row of measures per head (:func:`qkv.analysis.measures.head_table`).
-        best: for each pattern of :data:`PATTERNS` found, the row of its strongest head.
+        best: for each column of :data:`BEST_HEAD_COLUMNS` with a value, the row of its strongest head.
         summary: the content of ``summary.json``.
         files: the names of the files written, sorted.
     """
@@ -76,7 +77,7 @@ def write_head_report(
     *,
     hidden_states: Sequence[Tensor] | None = None,
     title: str | None = None,
-    importance: Mapping[str, Tensor] | None = None,
+    token_importance: Mapping[str, Tensor] | None = None,
 ) -> HeadReport:
     """Measure and draw the heads of the first batch row of ``maps`` (self-attention layers with tokens).
 
@@ -85,7 +86,8 @@ def write_head_report(
         outdir: the folder (created if needed).
         hidden_states: the model's hidden states ``(B, L, d)`` per layer, for the rank-collapse diagnostics.
         title: the viewer's title (default: the first tokens).
-        importance: token importance by method, one ``(L,)`` row each, shown in the viewer beside the attention.
+        token_importance: token importance by method (:mod:`qkv.analysis.token_importance`), one ``(L,)`` row
+            each, shown in the viewer beside the attention.
 
     Raises:
         ValueError: ``maps`` has no tokens.
@@ -96,7 +98,7 @@ def write_head_report(
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     table = head_table(maps, [tokens])
-    best = strongest_heads(table, tuple(PATTERNS))
+    best = best_head_per_column(table, tuple(BEST_HEAD_COLUMNS))
     _write_table(table, out)
     coords = mds(head_distances(maps)).tolist()
     summary = {
@@ -109,7 +111,7 @@ def write_head_report(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     title = title or f"{' '.join(tokens[:12])}{' ...' if len(tokens) > 12 else ''}"
-    written = _pictures(maps, tokens, table, best, out, title, importance)
+    written = _pictures(maps, tokens, table, best, out, title, token_importance)
     return HeadReport(table, best, summary, sorted(written + ["heads.csv", "heads.json", "summary.json"]))
 
 
@@ -145,7 +147,7 @@ def _pictures(
     best: dict[str, Any],
     outdir: Path,
     title: str,
-    importance: Mapping[str, Tensor] | None = None,
+    token_importance: Mapping[str, Tensor] | None = None,
 ) -> list[str]:
     """The viewer and the PNGs (from :mod:`.viewer` and :mod:`.render`); returns the file names written."""
     written: list[str] = []
@@ -156,7 +158,7 @@ def _pictures(
         layer_names=[f"L{i}" for i in range(len(maps))],
         head_table=table,
         title=title,
-        importance=importance,
+        token_importance=token_importance,
     )
     written.append("viewer.html")
     plot_grid([w[0] for w in maps.weights], tokens, outdir / "grid.png", title="attention of every head")
@@ -168,6 +170,6 @@ def _pictures(
         name = f"head_{r['name']}.png"
         if name not in written:
             w = maps.weights[r["layer"]][0, r["head"]]
-            plot_head(w, tokens, tokens, outdir / name, title=f"{r['name']}: strongest on {PATTERNS[col]}")
+            plot_head(w, tokens, tokens, outdir / name, title=f"{r['name']}: strongest on {BEST_HEAD_COLUMNS[col]}")
             written.append(name)
     return written

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import capture
+from .attention_maps import capture
 from .syntax_sentences import Sentence
 
 __all__ = [

@@ -146,7 +146,7 @@ def _importance(rows: Mapping[str, Any] | None, tokens: Sequence[str]) -> dict[s
     if rows is None:
         return None
     if not isinstance(rows, Mapping):
-        raise TypeError(f"importance must be a dict of method name -> values, got {type(rows).__name__}")
+        raise TypeError(f"token_importance must be a dict of method name -> values, got {type(rows).__name__}")
     toks = [str(t) for t in tokens]
     out = []
     for name, vals in rows.items():
@@ -156,7 +156,7 @@ def _importance(rows: Mapping[str, Any] | None, tokens: Sequence[str]) -> dict[s
             else np.asarray(vals, dtype=np.float64).ravel().tolist()
         )
         if len(v) != len(toks):
-            raise ValueError(f"importance[{name!r}] has {len(v)} values for {len(toks)} tokens")
+            raise ValueError(f"token_importance[{name!r}] has {len(v)} values for {len(toks)} tokens")
         out.append({"name": str(name), "values": [_jsonable(float(x)) for x in v]})
     return {"tokens": toks, "rows": out}
 
@@ -213,7 +213,7 @@ def write_viewer(
     kv_heads: int | Sequence[int] | None = None,
     top_k: int | None = None,
     max_cells: int = DEFAULT_MAX_CELLS,
-    importance: Mapping[str, Sequence[float] | ArrayLike] | None = None,
+    token_importance: Mapping[str, Sequence[float] | ArrayLike] | None = None,
     importance_tokens: Sequence[str] | None = None,
 ) -> Path:
     """Write one self-contained HTML file that shows the attention of every layer and head.
@@ -239,9 +239,10 @@ def write_viewer(
             everything when ``sum(H * Lq * Lk) <= max_cells`` and otherwise picks
             ``top_k = clamp(max_cells // sum(H * Lq), 8, 64)``.
         max_cells: the budget of stored weights that decides the default ``top_k``.
-        importance: token importance by method (``qkv.analysis.importance``): method name -> one value per
-            token, shown as rows beside the attention (shaded by ``|value|`` over the row's largest).
-        importance_tokens: the tokens those values belong to (default: the key tokens of the first layer).
+        token_importance: token importance by method (:mod:`qkv.analysis.token_importance`): method name -> one
+            value per token, shown as rows beside the attention (shaded by ``|value|`` over the row's largest).
+        importance_tokens: the tokens the ``token_importance`` values belong to (default: the key tokens of the
+            first layer).
 
     Returns:
         ``Path`` of the written file.
@@ -308,7 +309,7 @@ def write_viewer(
             "kept_min": round(kept_min, 4),
         }
         meta_layers.append(entry)
-    imp = _importance(importance, importance_tokens or token_lists[refs[0][1]])
+    imp = _importance(token_importance, importance_tokens or token_lists[refs[0][1]])
     raw_len = len(blob)
     packed = base64.b64encode(zlib.compress(bytes(blob), 6)).decode("ascii")
     meta = {

@@ -4,9 +4,10 @@
 Hugging Face checkpoint folder through ``transformers`` on ``attn_implementation="qkv"`` (:mod:`qkv.hf`).
 
 Writes the folder of :func:`qkv.analysis.report.write_head_report` (viewer, PNGs, per-head table, summary)
-(with ``--faithfulness`` also ``faithfulness.csv`` and ``importance.png``, :mod:`qkv.apps.faithfulness`, and the
-importance rows in the viewer) and prints the strongest head for each pattern, for example ``L3H11 -> [SEP] 0.62`` (layers and heads
-count from 0), and the sink rate: the share of heads whose mean attention to the first token exceeds 0.3.
+(with ``--faithfulness`` also ``faithfulness.csv`` and ``importance.png``, :mod:`qkv.apps.inspect_faithfulness`,
+and the token-importance rows in the viewer) and prints the strongest head for each column of
+:data:`~qkv.analysis.report.BEST_HEAD_COLUMNS`, for example ``L3H11 -> [SEP] 0.62`` (layers and heads count from 0),
+and the sink rate: the share of heads whose mean attention to the first token exceeds 0.3.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Any
 
 import torch
 
-from ..analysis.capture import capture
-from ..analysis.report import PATTERNS, write_head_report
+from ..analysis.attention_maps import capture
+from ..analysis.report import BEST_HEAD_COLUMNS, write_head_report
 from ..models.bert import BertEncoder, mean_pool, minilm
-from .faithfulness import sentence_importances, write_faithfulness
+from .inspect_faithfulness import sentence_token_importance, write_faithfulness
 
-__all__ = ["MODELS", "PATTERNS", "run_inspect"]
+__all__ = ["MODELS", "BEST_HEAD_COLUMNS", "run_inspect"]
 
 MODELS: dict[str, Callable[[], BertEncoder]] = {"minilm": minilm}
 """Model names that ``--model`` accepts (a local Hugging Face checkpoint folder is accepted too)."""
@@ -61,7 +62,7 @@ def _run_qkv(model: str, text: str) -> tuple[Any, list[str], list[torch.Tensor],
             return mean_pool(enc_model(ids, am), am)
 
         args = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-        return sentence_importances(
+        return sentence_token_importance(
             maps,
             embed,
             enc_model.embeddings.word_embeddings,
@@ -93,7 +94,7 @@ def _run_hf(folder: str, text: str) -> tuple[Any, list[str], list[torch.Tensor],
             return mean_pool(model(input_ids=ids, attention_mask=am).last_hidden_state, am)
 
         ids, am = enc["input_ids"], enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
-        return sentence_importances(maps, embed, model.get_input_embeddings(), ids, am)
+        return sentence_token_importance(maps, embed, model.get_input_embeddings(), ids, am)
 
     return maps, tokens, hs, n_words, explain
 
@@ -118,7 +119,7 @@ def run_inspect(
         out: the output folder (created if needed).
         faithfulness: also score every token by attention, value norms, gradients and leave-one-out, write
             ``faithfulness.csv`` (Kendall tau and top-3 overlap per pair of methods) and ``importance.png``, and
-            show the importance rows in the viewer (:mod:`qkv.apps.faithfulness`).
+            show the importance rows in the viewer (:mod:`qkv.apps.inspect_faithfulness`).
         syntax: instead of a text, score every head on ``sentences`` template sentences (seed ``seed``) with known
             syntactic relations against the best fixed-offset baseline, print the table and write ``syntax.json``
             (:mod:`qkv.apps.syntax`).
@@ -141,15 +142,15 @@ def run_inspect(
     if n_words > len(tokens):
         print(f"note: the text has {n_words} tokens; the model reads the first {len(tokens)}")
     title = f"qkv inspect: {' '.join(tokens[:12])}{' ...' if len(tokens) > 12 else ''}"
-    importance = explain(maps) if faithfulness else None
-    report = write_head_report(maps, out, hidden_states=hs or None, title=title, importance=importance)
+    token_importance = explain(maps) if faithfulness else None
+    report = write_head_report(maps, out, hidden_states=hs or None, title=title, token_importance=token_importance)
     files = list(report.files)
-    if importance is not None:
-        rows, written = write_faithfulness(importance, tokens, out)
+    if token_importance is not None:
+        rows, written = write_faithfulness(token_importance, tokens, out)
         files = sorted(files + written)
 
     print(f"{model}: {len(maps)} layers x {maps.num_heads[0]} heads on {len(tokens)} tokens")
-    for col, what in PATTERNS.items():
+    for col, what in BEST_HEAD_COLUMNS.items():
         if col not in report.best:
             continue
         r = report.best[col]
@@ -163,7 +164,7 @@ def run_inspect(
         f"  sink rate {sr['rate']:.2f}: {sr['heads']} of {sr['of']} heads put more than {sr['threshold']} of their"
         f" attention on the first token {tokens[0]} (Gu et al. 2025)"
     )
-    if importance is not None:
+    if token_importance is not None:
         print("  agreement of token importances (Kendall tau, top-3 overlap; word tokens):")
         for r in rows:
             if "leave_one_out" in (r["method_a"], r["method_b"]):

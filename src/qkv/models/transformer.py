@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..masks import Mask, MaskLike, causal, padding
 from ..nn.base import BackendSwitch
 from ..nn.blocks import DecoderBlock, TransformerBlock, make_norm
-from ..nn.cache import FixedKVCache, StaticKVCache
+from ..nn.cache import CrossAttentionKVCache, FixedKVCache
 from ..nn.positional import SinusoidalPositionalEncoding
 from ..scores import ScoreMod, ScoreModFn
 
@@ -94,9 +94,9 @@ class TransformerDecoder(BackendSwitch, nn.Module):
         )
         self.norm = _final_norm(kw, d_model, final_norm)
 
-    def make_caches(self, max_len: int) -> list[tuple[FixedKVCache, StaticKVCache]]:
+    def make_caches(self, max_len: int) -> list[tuple[FixedKVCache, CrossAttentionKVCache]]:
         """One (self-attention, cross-attention) cache pair per layer, for ``max_len`` target tokens."""
-        return [(FixedKVCache(max_len), StaticKVCache()) for _ in self.layers]
+        return [(FixedKVCache(max_len), CrossAttentionKVCache()) for _ in self.layers]
 
     def forward(
         self,
@@ -105,7 +105,7 @@ class TransformerDecoder(BackendSwitch, nn.Module):
         *,
         mask: MaskLike | None = None,
         memory_mask: MaskLike | None = None,
-        caches: list[tuple[FixedKVCache, StaticKVCache]] | None = None,
+        caches: list[tuple[FixedKVCache, CrossAttentionKVCache]] | None = None,
     ) -> Tensor:
         """Decode.
 
@@ -187,7 +187,7 @@ class Transformer(BackendSwitch, nn.Module):
         memory: Tensor | None,
         src_lengths: Tensor | None = None,
         *,
-        caches: list[tuple[FixedKVCache, StaticKVCache]] | None = None,
+        caches: list[tuple[FixedKVCache, CrossAttentionKVCache]] | None = None,
         offset: int = 0,
     ) -> Tensor:
         """Target ids ``(B, T)`` (with caches: the tokens after the ``offset`` already decoded) and

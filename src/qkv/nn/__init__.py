@@ -7,12 +7,12 @@ from .attention import MultiHeadAttention, TorchMasks, masks_from_torch
 from .base import AttentionModule, BackendSwitch, capture_weights, set_backend
 from .blocks import DecoderBlock, EncoderBlock, FeedForward, TransformerBlock, make_norm
 from .cache import (
+    CrossAttentionKVCache,
     FixedKVCache,
     GrowingKVCache,
     KVCache,
     SinkKVCache,
     SlidingWindowKVCache,
-    StaticKVCache,
     at_positions,
 )
 from .differential import DifferentialAttention
@@ -36,6 +36,7 @@ __all__ = [
     "LuongAttention",
     "AttentionModule",
     "BackendSwitch",
+    "CrossAttentionKVCache",
     "DecoderBlock",
     "DifferentialAttention",
     "EncoderBlock",
@@ -58,7 +59,6 @@ __all__ = [
     "SinkKVCache",
     "SinusoidalPositionalEncoding",
     "SlidingWindowKVCache",
-    "StaticKVCache",
     "T5RelativeBias",
     "TorchMasks",
     "TransformerBlock",

@@ -13,12 +13,12 @@ from ..backends.sdpa import HAS_GQA
 from ..masks import Mask, MaskLike, as_mask, from_dense
 from ..scores import ScoreMod, ScoreModFn, as_score_mod, bias
 from .base import AttentionModule
-from .cache import KVCache, StaticKVCache, at_positions
+from .cache import CrossAttentionKVCache, KVCache, at_positions
 from .positional import RotaryEmbedding
 
 __all__ = ["MultiHeadAttention", "TorchMasks", "masks_from_torch"]
 
-Cache = Union[KVCache, StaticKVCache]
+Cache = Union[KVCache, CrossAttentionKVCache]
 
 
 class TorchMasks(NamedTuple):
@@ -172,7 +172,7 @@ class MultiHeadAttention(AttentionModule):
                 bottom-right against all ``seen + L`` keys.
             score_mod: a score mod (``qkv.scores.alibi(H)``, ``bias(t)``, ...), positioned likewise.
             cache: a :class:`KVCache` for self-attention decoding (the new keys and values are
-                appended; RoPE continues at ``cache.seen``), or a :class:`StaticKVCache` for
+                appended; RoPE continues at ``cache.seen``), or a :class:`CrossAttentionKVCache` for
                 cross-attention (filled from ``context`` on first use, reused afterwards, when
                 ``context`` may be ``None``).
 
@@ -186,10 +186,10 @@ class MultiHeadAttention(AttentionModule):
         q = self.q_proj(x).view(B, L, H, Dh).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        if isinstance(cache, StaticKVCache):
+        if isinstance(cache, CrossAttentionKVCache):
             if cache.k is None or cache.v is None:
                 if context is None:
-                    raise ValueError("MultiHeadAttention: an empty StaticKVCache needs the context to fill it")
+                    raise ValueError("MultiHeadAttention: an empty CrossAttentionKVCache needs the context to fill it")
                 cache.k, cache.v = self._kv(context, value, B)
             k, v = cache.k, cache.v
             out = self.attend(q, k, v, mask=mask, score_mod=score_mod, dropout_p=self._p())
@@ -201,7 +201,7 @@ class MultiHeadAttention(AttentionModule):
             q, k = self.rope(q, k, offset)
         if cache is not None:
             if not self_attn:
-                raise ValueError("MultiHeadAttention: a KVCache is for self-attention; use StaticKVCache for cross")
+                raise ValueError("MultiHeadAttention: a KVCache is for self-attention; use CrossAttentionKVCache for cross")
             seen = cache.seen
             k, v, positions = cache.update(k, v)
             m = as_mask(mask)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..masks import MaskLike
 from ..scores import ScoreMod, ScoreModFn
 from .attention import Cache, MultiHeadAttention
-from .cache import StaticKVCache
+from .cache import CrossAttentionKVCache
 from .positional import RotaryEmbedding
 
 __all__ = ["DecoderBlock", "EncoderBlock", "FeedForward", "TransformerBlock", "make_norm"]
@@ -272,7 +272,7 @@ class DecoderBlock(nn.Module):
         memory_mask: MaskLike | None = None,
         score_mod: ScoreMod | ScoreModFn | None = None,
         cache: Cache | None = None,
-        memory_cache: StaticKVCache | None = None,
+        memory_cache: CrossAttentionKVCache | None = None,
     ) -> Tensor:
         """Decode.
 
@@ -283,7 +283,7 @@ class DecoderBlock(nn.Module):
             memory_mask: cross-attention mask ``(B, H, L, S)``-broadcastable (e.g. source padding).
             score_mod: self-attention score mod.
             cache: self-attention :class:`KVCache` for step-by-step decoding.
-            memory_cache: a :class:`StaticKVCache` keeping the projected memory across steps.
+            memory_cache: a :class:`CrossAttentionKVCache` keeping the projected memory across steps.
         """
 
         def sa(h: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Key/value caches for decoding: one that grows, one preallocated to a fixed size, a sliding-window
-ring buffer, StreamingLLM's attention-sink cache (the first tokens kept, then a ring buffer), and a
-static one for cross-attention.
+ring buffer, StreamingLLM's attention-sink cache (the first tokens kept, then a ring buffer), and the
+cross-attention cache (the encoder memory projected to keys and values once, reused at every step).
 
 A cache belongs to one attention layer. :meth:`KVCache.update` takes the keys and values of the ``L``
 new tokens ``(B, Hkv, L, D)`` / ``(B, Hkv, L, Dv)`` (already rotated by RoPE at their absolute
@@ -31,12 +31,12 @@ if TYPE_CHECKING:
     from .positional import RotaryEmbedding
 
 __all__ = [
+    "CrossAttentionKVCache",
     "FixedKVCache",
     "GrowingKVCache",
     "KVCache",
     "SinkKVCache",
     "SlidingWindowKVCache",
-    "StaticKVCache",
     "at_positions",
 ]
 
@@ -327,9 +327,12 @@ class SinkKVCache(KVCache):
         self.k = self.v = self.pos = self.sink_k = None
 
 
-class StaticKVCache:
-    """Cross-attention keys and values, computed from the encoder output once and reused at every
-    decoding step (``MultiHeadAttention`` fills it on first use)."""
+class CrossAttentionKVCache:
+    """Cross-attention keys and values, projected from the encoder output (the memory) once and reused at
+    every decoding step: ``MultiHeadAttention`` fills it from ``context`` on first use, after which
+    ``context`` may be ``None``. It does not grow with the decoded tokens (the memory is fixed), and it is
+    not a preallocated, fixed-shape self-attention cache (what Hugging Face calls a static cache: here
+    :class:`FixedKVCache`)."""
 
     def __init__(self) -> None:
         self.k: Tensor | None = None

@@ -1,4 +1,5 @@
-"""Pictures and the HTML page of the demo report (matplotlib with the Agg backend; no network)."""
+"""The demo report's training curves (matplotlib with the Agg backend; no network). Its alignment pictures
+are :func:`qkv.analysis.plot_alignment`'s, its viewer :func:`qkv.analysis.write_viewer`'s."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_alignment", "plot_curves"]
+__all__ = ["plot_curves"]
 
 
 def _plt() -> Any:
@@ -16,19 +17,6 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def plot_alignment(weights: np.ndarray, src_tokens: list[str], tgt_tokens: list[str], path: str) -> None:
-    """Heatmap of an alignment ``weights`` ``(Lout, Lin)``: rows are output tokens, columns source tokens."""
-    w = np.asarray(weights)
-    if w.shape != (len(tgt_tokens), len(src_tokens)):
-        raise ValueError(
-            f"plot_alignment: weights {w.shape} != (len(tgt_tokens), len(src_tokens)) = "
-            f"({len(tgt_tokens)}, {len(src_tokens)})"
-        )
-    from ...analysis.render import plot_alignment as _render
-
-    _render(w, src_tokens, tgt_tokens, path, title="Bahdanau attention: English -> German")
 
 
 def plot_curves(results: dict[str, Any], path: str) -> None:

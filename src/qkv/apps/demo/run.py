@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...analysis.render import plot_alignment
 from ...analysis.viewer import write_viewer
 from ...models.seq2seq import Seq2Seq, TransformerSeq2Seq
 from ...nn.base import capture_weights
 from .data import PAD, Example, Vocab, batchify, make_dataset
-from .report import plot_alignment, plot_curves
+from .report import plot_curves
 
 __all__ = ["DemoConfig", "ModelResult", "run_demo", "train_models"]
 
@@ -208,7 +209,8 @@ def _write_report(
             continue
         n_out = min(len(pred) + 1, align.shape[1])
         path = os.path.join(out, f"alignment_{i + 1}.png")
-        plot_alignment(align[0, :n_out].numpy(), list(ex.src), pred + ["<eos>"][: n_out - len(pred)], path)
+        tgt = pred + ["<eos>"][: n_out - len(pred)]
+        plot_alignment(align[0, :n_out].numpy(), list(ex.src), tgt, path, title="Bahdanau attention: English -> German")
         files.append(path)
     # training curves
     curves = os.path.join(out, "training_curves.png")

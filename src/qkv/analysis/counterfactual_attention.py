@@ -1,5 +1,6 @@
-"""Does the output depend on the attention weights? The permutation test (Jain and Wallace 2019) and the
-uniform-attention baseline (Wiegreffe and Pinter 2019), through the hook points.
+"""Does the output depend on the attention weights? Run the model on counterfactual attention: the
+permutation test (Jain and Wallace 2019) and the uniform-attention baseline (Wiegreffe and Pinter 2019),
+through the hook points.
 
 While inside :func:`permuted_attention`, every hooked attention layer shuffles each query row's weights among
 the keys that row may attend (the masked keys stay at 0; a fresh permutation at every call); inside
@@ -11,7 +12,7 @@ Works on every :class:`qkv.nn.AttentionModule` (``hook_scores`` tells which keys
 replaces the weights; the module computes attention by the reference formula while hooked) and on
 :class:`qkv.nn.AdditiveAttention` / :class:`qkv.nn.LuongAttention` (their own two hook points). Trees of
 ``torch.nn.MultiheadAttention`` and Hugging Face models have no hook points: the context managers refuse them
-with a ``ValueError`` (their weights can still be captured, scored and compared: :mod:`qkv.analysis.importance`).
+with a ``ValueError`` (their weights can still be captured, scored and compared: :mod:`qkv.analysis.token_importance`).
 """
 
 from __future__ import annotations

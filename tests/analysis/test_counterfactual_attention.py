@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qkv.analysis.faithfulness import (
+from qkv.analysis.counterfactual_attention import (
     permute_rows,
     permuted_attention,
     total_variation,

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkv.analysis.agreement import agreement, kendall_tau, topk_overlap
+from qkv.analysis.rank_agreement import agreement, kendall_tau, topk_overlap
 
 
 def test_kendall_tau_by_hand():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from qkv.analysis.capture import capture
-from qkv.analysis.importance import (
-    attention_importance,
+from qkv.analysis.attention_maps import capture
+from qkv.analysis.measures import attention_rollout
+from qkv.analysis.token_importance import (
     cosine_change,
     erasure,
     grad_x_input,
@@ -17,9 +17,9 @@ from qkv.analysis.importance import (
     leave_one_out,
     norm_weighted,
     replaced_embedding,
-    value_norm_importance,
+    token_importance_by_attention,
+    token_importance_by_value_norm,
 )
-from qkv.analysis.measures import attention_rollout
 from toys import CopyModel, copy_inputs
 
 
@@ -35,8 +35,8 @@ def test_every_method_finds_the_copied_token(copy):
     run = lambda: m(ids)  # noqa: E731
     maps = capture(m, ids)
     got = {
-        "attention": attention_importance(maps, query=-1),
-        "value_norm": value_norm_importance(m, ids, query=-1),
+        "attention": token_importance_by_attention(maps, query=-1),
+        "value_norm": token_importance_by_value_norm(m, ids, query=-1),
         "grad_x_input": grad_x_input(run, m.emb).abs(),
         "integrated_gradients": integrated_gradients(run, m.emb, steps=16).abs(),
         "leave_one_out": leave_one_out(run, m.emb),
@@ -76,23 +76,23 @@ def test_integrated_gradients_is_complete_and_exact_for_a_linear_model(copy):
     torch.testing.assert_close(grad_x_input(lin, emb), (emb(ids % 10) @ w).detach())
 
 
-def test_attention_importance_rows_and_rollout():
+def test_token_importance_by_attention_rows_and_rollout():
     g = torch.Generator().manual_seed(0)
     layers = [torch.softmax(torch.randn(2, 3, 5, 5, generator=g), -1) for _ in range(2)]
-    torch.testing.assert_close(attention_importance(layers, query=0), layers[-1].mean(1)[:, 0].double())
+    torch.testing.assert_close(token_importance_by_attention(layers, query=0), layers[-1].mean(1)[:, 0].double())
     torch.testing.assert_close(
-        attention_importance(layers, layer=0, query=[1, 2]), layers[0].mean(1)[:, 1:3].mean(1).double()
+        token_importance_by_attention(layers, layer=0, query=[1, 2]), layers[0].mean(1)[:, 1:3].mean(1).double()
     )
     valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     want = torch.stack([layers[-1].mean(1)[0, :3].mean(0), layers[-1].mean(1)[1].mean(0)]).double()
-    torch.testing.assert_close(attention_importance(layers, valid=valid), want)
-    torch.testing.assert_close(attention_importance(layers, "rollout", query=-1), attention_rollout(layers)[:, -1])
-    flow = attention_importance(layers, "flow", query=-1)
+    torch.testing.assert_close(token_importance_by_attention(layers, valid=valid), want)
+    torch.testing.assert_close(token_importance_by_attention(layers, "rollout", query=-1), attention_rollout(layers)[:, -1])
+    flow = token_importance_by_attention(layers, "flow", query=-1)
     torch.testing.assert_close(flow.sum(-1), torch.ones(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="method must be"):
-        attention_importance(layers, "gradient")  # type: ignore[arg-type]
+        token_importance_by_attention(layers, "gradient")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="query must be"):
-        attention_importance(layers, query=9)
+        token_importance_by_attention(layers, query=9)
 
 
 def test_norm_weighted_matches_the_definition_and_sees_silent_tokens():
@@ -118,7 +118,7 @@ def test_norm_weighted_matches_the_definition_and_sees_silent_tokens():
         norm_weighted(w, v, wo[:, :4])
 
 
-def test_value_norm_importance_sees_what_attention_does_not(copy):
+def test_token_importance_by_value_norm_sees_what_attention_does_not(copy):
     m, ids, pos = copy
     # a second marked token in row 0 whose content (value) is zero: attention splits between the two, the
     # norm-based importance gives the silent one nothing
@@ -128,8 +128,8 @@ def test_value_norm_importance_sees_what_attention_does_not(copy):
     with torch.no_grad():
         m.emb.weight[silent, 1:] = 0
     ids[0, j] = silent
-    a = attention_importance(capture(m, ids), query=-1)[0]
-    n = value_norm_importance(m, ids, query=-1)[0]
+    a = token_importance_by_attention(capture(m, ids), query=-1)[0]
+    n = token_importance_by_value_norm(m, ids, query=-1)[0]
     assert abs(float(a[j]) - 0.5) < 1e-3 and abs(float(a[pos[0]]) - 0.5) < 1e-3
     assert float(n[j]) < 1e-6 and float(n[pos[0]]) > 0.999
 

@@ -1,13 +1,13 @@
 """Token importance: how much each input token matters to an output, by attention, by gradients and by erasure.
 
 Every function returns one importance per key (input) token, ``(B, L)`` float64, so that two methods can be
-compared (:mod:`qkv.analysis.agreement`).
+compared (:mod:`qkv.analysis.rank_agreement`).
 
 By attention (read from :func:`qkv.analysis.capture`'s maps):
 
-- :func:`attention_importance`: one layer's weights averaged over heads (``method="mean"``), attention
+- :func:`token_importance_by_attention`: one layer's weights averaged over heads (``method="mean"``), attention
   rollout or attention flow (Abnar and Zuidema 2020), for one query row or averaged over the queries;
-- :func:`value_norm_importance`: Kobayashi et al. (2020), ``|| sum_h a^h_ij f^h(x_j) ||`` with
+- :func:`token_importance_by_value_norm`: Kobayashi et al. (2020), ``|| sum_h a^h_ij f^h(x_j) ||`` with
   ``f^h(x) = (x W_V^h + b_V^h) W_O^h``: the weight times the norm of what the token actually sends. Needs a
   qkv model (values and ``out_proj`` through the ``hook_weights``/``hook_v`` points).
 
@@ -37,11 +37,11 @@ from ..nn.base import AttentionModule
 from .measures import _as_layers, attention_flow, attention_rollout
 
 if TYPE_CHECKING:
-    from .capture import AttentionMaps
+    from .attention_maps import AttentionMaps
 
 __all__ = [
     "AttentionMethod",
-    "attention_importance",
+    "token_importance_by_attention",
     "cosine_change",
     "erasure",
     "grad_x_input",
@@ -49,11 +49,11 @@ __all__ = [
     "leave_one_out",
     "norm_weighted",
     "replaced_embedding",
-    "value_norm_importance",
+    "token_importance_by_value_norm",
 ]
 
 AttentionMethod = Literal["mean", "rollout", "flow"]
-"""How :func:`attention_importance` reads attention: one layer's mean over heads, rollout or flow."""
+"""How :func:`token_importance_by_attention` reads attention: one layer's mean over heads, rollout or flow."""
 
 
 def _rows(a: Tensor, query: int | Sequence[int] | Tensor | None, valid: Tensor | None) -> Tensor:
@@ -78,7 +78,7 @@ def _rows(a: Tensor, query: int | Sequence[int] | Tensor | None, valid: Tensor |
     return (a * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def attention_importance(
+def token_importance_by_attention(
     maps: AttentionMaps | Sequence[Tensor],
     method: AttentionMethod = "mean",
     *,
@@ -150,7 +150,7 @@ def norm_weighted(weights: Tensor, values: Tensor, out_weight: Tensor | None = N
     return torch.einsum("bhij,bhjd->bijd", w, f).norm(dim=-1)  # the heads' contributions add up after W_O
 
 
-def value_norm_importance(
+def token_importance_by_value_norm(
     model: nn.Module,
     *args: Any,
     layer: int = -1,
@@ -166,7 +166,7 @@ def value_norm_importance(
     Args:
         model: a model with qkv attention modules.
         layer: which attention module, in forward order (default the last one called).
-        query, valid: as in :func:`attention_importance`.
+        query, valid: as in :func:`token_importance_by_attention`.
 
     Returns:
         ``(B, Lk)`` float64, :func:`norm_weighted` for the query row(s), each row normalised to sum to 1.
@@ -176,7 +176,7 @@ def value_norm_importance(
     """
     mods = [(n, m) for n, m in model.named_modules() if isinstance(m, AttentionModule)]
     if not mods:
-        raise ValueError(f"value_norm_importance: {type(model).__name__} has no qkv AttentionModule")
+        raise ValueError(f"token_importance_by_value_norm: {type(model).__name__} has no qkv AttentionModule")
     calls: list[dict[str, Any]] = []
     handles = []
 

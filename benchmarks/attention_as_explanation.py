@@ -1,6 +1,6 @@
-"""Is attention an explanation? The figures of the README's faithfulness table (issue 18).
+"""Is attention an explanation? The figures of docs/results.md's section of that name.
 
-    python benchmarks/faithfulness.py [--part translator|minilm|lm|all] [--steps N] [--lm-steps N] [--json out.json]
+    python benchmarks/attention_as_explanation.py [--part translator|minilm|lm|all] [--steps N] [--lm-steps N] [--json out.json]
 
 - ``translator``: the demo's GRU + Bahdanau translator and its Transformer (``qkv demo``'s models, data and
   training, ``--steps`` steps each). For held-out examples, each output token of the model's own greedy
@@ -12,7 +12,7 @@
   (Wiegreffe and Pinter 2019), and the total variation between the teacher-forced output distributions.
 - ``minilm``: all-MiniLM-L6-v2 on the sentences of benchmarks/minilm_heads.py: leave-one-out (the cosine change
   of the sentence embedding when a word token is dropped) against attention, rollout, flow, value norms and
-  gradients (``qkv.apps.faithfulness.sentence_importances``), tau and top-3 overlap over the word tokens.
+  gradients (``qkv.apps.inspect_faithfulness.sentence_token_importance``), tau and top-3 overlap over the word tokens.
 - ``lm``: the ``qkv train lm`` GPT (byte level, 4 layers x 4 heads, d 128, RoPE, the task's data and optimiser)
   trained ``--lm-steps`` steps; every ``--every`` steps, each head's induction and previous-token scores on
   repeated random bytes, and the loss on the repeated half against the first half (in-context copying).
@@ -190,7 +190,7 @@ def translator(args: argparse.Namespace) -> dict[str, Any]:
 def minilm_part(args: argparse.Namespace) -> dict[str, Any]:
     from minilm_heads import SENTENCES
     from qkv.analysis.measures import special_positions
-    from qkv.apps.faithfulness import sentence_importances
+    from qkv.apps.inspect_faithfulness import sentence_token_importance
     from qkv.models import minilm
     from qkv.models.bert import mean_pool
 
@@ -215,7 +215,7 @@ def minilm_part(args: argparse.Namespace) -> dict[str, Any]:
         change["uniform"].append(float(cosine_change(e0, eu)))
 
         qargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-        imp = sentence_importances(
+        imp = sentence_token_importance(
             maps,
             embed,
             model.embeddings.word_embeddings,

@@ -1,7 +1,7 @@
 """``qkv inspect "text" --faithfulness``: is the encoder's attention an explanation of its sentence embedding?
 
 For a sentence encoder (the sentence-transformers recipe: mean of the last hidden state over the tokens),
-:func:`sentence_importances` scores every token by attention (last layer, rollout, flow, value norms) and by
+:func:`sentence_token_importance` scores every token by attention (last layer, rollout, flow, value norms) and by
 what the embedding actually does (gradient × input and integrated gradients of ``e(x) . e0`` with ``e0`` the
 embedding itself held fixed; leave-one-out: the cosine change of the embedding when the token is dropped from
 the input). :func:`write_faithfulness` writes ``faithfulness.csv`` (Kendall tau and top-k overlap for every
@@ -19,25 +19,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..analysis.agreement import agreement
-from ..analysis.importance import (
-    attention_importance,
+from ..analysis.measures import special_positions
+from ..analysis.rank_agreement import agreement
+from ..analysis.render import plot_token_importance
+from ..analysis.token_importance import (
     cosine_change,
     erasure,
     grad_x_input,
     integrated_gradients,
-    value_norm_importance,
+    token_importance_by_attention,
+    token_importance_by_value_norm,
 )
-from ..analysis.measures import special_positions
-from ..analysis.render import plot_importance
 
-__all__ = ["CSV_COLUMNS", "sentence_importances", "write_faithfulness"]
+__all__ = ["CSV_COLUMNS", "sentence_token_importance", "write_faithfulness"]
 
 CSV_COLUMNS = ("method_a", "method_b", "kendall_tau", "topk_overlap", "k", "tokens")
 """The columns of ``faithfulness.csv``."""
 
 
-def sentence_importances(
+def sentence_token_importance(
     maps: Any,
     embed: Callable[[Tensor, Tensor], Tensor],
     embedding: nn.Module,
@@ -49,7 +49,7 @@ def sentence_importances(
     steps: int = 16,
     flow_max_len: int = 32,
 ) -> dict[str, Tensor]:
-    """Every importance method on one sentence ``(1, L)``: method name -> ``(L,)`` float64.
+    """Every token-importance method on one sentence ``(1, L)``: method name -> ``(L,)`` float64, one value per token.
 
     Args:
         maps: the :class:`qkv.analysis.AttentionMaps` of the sentence.
@@ -65,13 +65,13 @@ def sentence_importances(
         raise ValueError(f"input_ids must be one sentence (1, L), got {tuple(input_ids.shape)}")
     L = input_ids.shape[1]
     out: dict[str, Tensor] = {
-        "attention": attention_importance(maps, "mean")[0],
-        "rollout": attention_importance(maps, "rollout")[0],
+        "attention": token_importance_by_attention(maps, "mean")[0],
+        "rollout": token_importance_by_attention(maps, "rollout")[0],
     }
     if L <= flow_max_len:
-        out["flow"] = attention_importance(maps, "flow")[0]
+        out["flow"] = token_importance_by_attention(maps, "flow")[0]
     if qkv_model is not None:
-        out["value_norm"] = value_norm_importance(qkv_model, **(qkv_args or {}))[0]
+        out["value_norm"] = token_importance_by_value_norm(qkv_model, **(qkv_args or {}))[0]
     with torch.no_grad():
         e0 = embed(input_ids, attention_mask).detach()
 
@@ -121,7 +121,7 @@ def write_faithfulness(
                     "tokens": int(words.sum()),
                 }
             )
-    plot_importance(
+    plot_token_importance(
         {n: v for n, v in importances.items()},
         list(tokens),
         out / "importance.png",
