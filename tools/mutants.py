@@ -3,7 +3,7 @@
 Not part of CI: every surviving mutant costs a run of the tests that reach its function, which is slow
 on two cores. Each group is mutated against its own test files:
 
-    masks     src/qkv/masks.py              tests/test_masks.py
+    masks     src/qkv/masks/*.py            tests/masks/
     scores    src/qkv/scores.py             tests/test_scores.py
     backends  src/qkv/backends/*.py         tests/backends/, tests/test_attention.py
     measures  src/qkv/analysis/measures.py  tests/analysis/test_measures.py
@@ -35,14 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 MUTMUT = Path(sys.executable).with_name("mutmut")
 
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
-    "masks": (["src/qkv/masks.py"], ["tests/test_masks.py"]),
+    "masks": (["src/qkv/masks/*.py"], ["tests/masks/"]),
     "scores": (["src/qkv/scores.py"], ["tests/test_scores.py"]),
     "backends": (["src/qkv/backends/*.py"], ["tests/backends/", "tests/test_attention.py"]),
     "measures": (["src/qkv/analysis/measures.py"], ["tests/analysis/test_measures.py"]),
 }
 
 CORE: dict[str, list[str]] = {
-    "masks": ["qkv.masks.xǁ_Windowǁ*", "qkv.masks.xǁMaskǁblock_kinds*"],
+    "masks": ["qkv.masks.positional.xǁ_Windowǁ*", "qkv.masks.base.xǁMaskǁblock_kinds*"],
     "scores": ["qkv.scores.xǁ_Alibiǁ*", "qkv.scores.x_alibi*", "qkv.scores.xǁ_Softcapǁ*"],
     "backends": [
         "qkv.backends.tiled.x_merge*",

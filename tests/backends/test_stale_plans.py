@@ -388,7 +388,7 @@ def test_one_fingerprint_and_one_build_per_call_under_auto(monkeypatch):
 
     calls = []
     real = fingerprint.fingerprint_or_none
-    monkeypatch.setattr(M, "fingerprint_or_none", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr("qkv.masks.custom.fingerprint_or_none", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v = _qkv()
     qkv.attention(q, k, v, mask=mod_global_in_place)
     assert len(calls) == 1
