@@ -1,4 +1,4 @@
-"""Hugging Face models on ``attn_implementation="qkv"`` against transformers' own implementations (issue 13).
+"""Hugging Face models on ``attn_implementation="qkv"`` against transformers' own implementations.
 
     nice -n -19 python benchmarks/hf_prefill.py             # about 2 minutes on 2 idle cores
     OMP_WAIT_POLICY=PASSIVE nice -n -19 python benchmarks/hf_prefill.py    # on a machine shared with other jobs

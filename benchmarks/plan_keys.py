@@ -1,12 +1,12 @@
-"""What keying plans by contents costs per call (issue 24): fingerprints, cache hits, whole calls.
+"""What keying plans by contents costs per call: fingerprints, cache hits, whole calls.
 
     PYTHONPATH=src python benchmarks/plan_keys.py            # ~1 minute on 2 cores
     PYTHONPATH=src python benchmarks/plan_keys.py --quick
 
 Plans (tile classes, BlockMasks, ring kinds) are cached under a key that follows the mask's data; a
 FlexAttention-style ``mask_mod`` is keyed by a fingerprint of everything it reads (its code, closure,
-globals, tensors by contents). Before issue 24 it was keyed by the function object, which is free but
-reused the previous batch's plan after the ids changed. Here "identity" is that old key, emulated in
+globals, tensors by contents). Keying it by the function object instead would be free but would
+reuse the previous batch's plan after the ids changed. Here "identity" is that key, emulated in
 this run (a ``from_fn`` mask whose ``cache_key`` is the function object), so each figure has its peer
 from the same run:
 
@@ -45,7 +45,7 @@ def document_causal(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_id
 
 
 class _IdentityKeyed(M.Mask):
-    """The key before issue 24: the function object (free, and stale once the ids change)."""
+    """The identity key: the function object (free, and stale once the ids change)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         self.inner = M.from_fn(fn)

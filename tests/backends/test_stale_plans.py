@@ -8,7 +8,7 @@ changed in place or rebound, a closure cell rebound (``nonlocal``) or its tensor
 global int rebound, a global helper function rebound, a ``functools.partial`` and a callable object
 holding the tensor, an ``nn.Module``'s buffer read through a bound method, a module attribute. The
 tiles of 512 tokens span several 256 x 128 tiles, so a plan of the previous batch skips live tiles or
-runs partial ones unmasked: off by O(1), never by rounding (issue 24 measured up to 3.3).
+runs partial ones unmasked: off by O(1), never by rounding (an identity-keyed plan was off by up to 3.3 here).
 """
 
 from __future__ import annotations
