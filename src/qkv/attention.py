@@ -211,17 +211,21 @@ def _validate(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
+    dtype = q.dtype
+    if not (dtype.is_floating_point and k.dtype == dtype and v.dtype == dtype):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
         raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
+    device = q.device
+    if not (k.device == device and v.device == device):
         raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    if not (q.dim() == k.dim() == v.dim()):
+    dims = q.dim()
+    if not (k.dim() == dims and v.dim() == dims):
         raise ValueError(f"q, k and v must have the same number of dims (B, H, L, D), got {_shapes(q, k, v)}")
-    if not 2 <= q.dim() <= 4:
+    if not 2 <= dims <= 4:
         raise ValueError(f"q, k and v must be (B, H, L, D), (H, L, D) or (L, D), got {_shapes(q, k, v)}")
-    squeeze = 4 - q.dim()
+    squeeze = 4 - dims
     given = (q, k, v)  # the messages below show the shapes as given
     for _ in range(squeeze):
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
@@ -242,7 +246,7 @@ def _validate(
     if D == 0:
         raise ValueError(f"the head dim D must be > 0, got {_shapes(*given)}")
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
