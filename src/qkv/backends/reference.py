@@ -95,10 +95,22 @@ def reference_attention(req: Request, dtype: torch.dtype | None = None) -> tuple
         sink = req.sinks.to(dt).view(1, -1, 1, 1).expand(req.B, req.H, req.Lq, 1)
         w = safe_softmax(torch.cat((s, sink), dim=-1))[..., :-1]
     w = _hook("weights_hook", on_weights, w)
-    wd = torch.nn.functional.dropout(w, req.dropout_p) if req.dropout_p > 0 else w
-    B, H, Hkv, G, Lq, Lk = req.B, req.H, req.Hkv, req.groups, req.Lq, req.Lk
-    out = wd.reshape(B, Hkv, G * Lq, Lk) @ req.v.to(dt)  # (B, Hkv, G·Lq, Dv): V is not copied per head
-    return out.reshape(B, H, Lq, req.Dv), w
+    return weights_times_values(w, req.v, req.dropout_p, dt), w
+
+
+def weights_times_values(w: Tensor, v: Tensor, dropout_p: float = 0.0, dtype: torch.dtype | None = None) -> Tensor:
+    """The second half of the formula, ``dropout(w) V``: weights ``w (B, H, Lq, Lk)``, values ``v (B, Hkv,
+    Lk, Dv)``, query head ``h`` reading value head ``h // (H // Hkv)`` (V is not copied per head); computed
+    in ``dtype`` (default: the compute dtype of ``v``, float32 or float64) -> ``(B, H, Lq, Dv)``. What
+    :func:`reference_attention` runs after the softmax, and what the hook points of :mod:`qkv.nn` run on
+    weights a hook replaced."""
+    dt = dtype or compute_dtype(v.dtype)
+    B, H, Lq, Lk = w.shape
+    Hkv, Dv = v.shape[1], v.shape[3]
+    w = w.to(dt)
+    wd = torch.nn.functional.dropout(w, dropout_p) if dropout_p > 0 else w
+    out = wd.reshape(B, Hkv, (H // Hkv) * Lq, Lk) @ v.to(dt)  # (B, Hkv, G·Lq, Dv)
+    return out.reshape(B, H, Lq, Dv)
 
 
 class Reference(Backend):

@@ -29,17 +29,19 @@ What a hook costs and changes:
 - ``hook_weights``: the module asks its backend for the weights too (``return_weights=True``; a backend
   that cannot, such as ``sdpa``, is replaced by ``auto`` for the call, unless the module passes it
   options of its own, as the sequence-parallel ``ring``/``ulysses`` layers do: then ``ValueError``). If
-  the hook replaced the weights (or changed them in place), the output is recomputed from them by
-  ``qkv.attention(..., backend="reference", weights_hook=...)``: ``dropout(weights) @ v``, grouped-query
-  heads sharing their value head, dropout (training only) applied to the new weights.
+  the hook replaced the weights (or changed them in place), the output is recomputed from them by the
+  second half of the reference formula (``qkv.backends.reference.weights_times_values``, the code the
+  ``reference`` backend runs after its softmax): ``dropout(weights) @ v``, grouped-query heads sharing their
+  value head, dropout (training only) applied to the new weights.
 - ``hook_scores``: the module computes attention by the formula as written whatever its backend:
   ``qkv.attention(..., backend="reference", scores_hook=..., weights_hook=...)`` (float32, float64 for
   float64 inputs): scores, hook, softmax (a row of ``-inf`` gives zeros), ``hook_weights``, dropout,
   ``@ v``. A module on a backend that is not ``exact`` (an approximation: ``linear``, ``performer``,
   ``nystrom``) has no softmax scores and refuses the hook with a ``ValueError``.
 
-Every path is a call of :func:`qkv.attention`: one validation of the inputs and one copy of the formula
-(the ``reference`` backend's, whose ``scores_hook``/``weights_hook`` options are the seams).
+Every path is a call of :func:`qkv.attention`, so the inputs are validated once, there; the formula has one
+copy, the ``reference`` backend's (its ``scores_hook``/``weights_hook`` options are the seams, and
+replaced weights go through its ``weights_times_values``).
 
 Gradients flow through every hook point (``capture_weights`` and ``qkv.analysis.capture`` detach
 their copies). A hook may return the value's ``detach().requires_grad_()`` leaf to read gradients with
@@ -62,6 +64,7 @@ from typing import Any, Union
 from torch import Tensor, nn
 
 from ..attention import attention
+from ..backends.reference import weights_times_values
 from ..backends.registry import get as get_backend
 
 __all__ = ["HOOK_POINTS", "HookFn", "HookPoint", "hook_points", "hooked"]
@@ -140,9 +143,9 @@ def hooked_attention(
                     f" {', '.join(extra)} mean nothing to another backend"
                 ) from e
             out, w = attention(q, k, v, backend="auto", return_weights=True, **_common(kwargs))
-        new, changed = _run(hw, "hook_weights", w)
-        if changed:  # recompute the output from the new weights, by the formula
-            out = attention(q, k, v, backend=_FORMULA, weights_hook=lambda _: new, **_common(kwargs)).to(out.dtype)
+        w, changed = _run(hw, "hook_weights", w)
+        if changed:  # the output from the new weights: the second half of the formula, reference's own
+            out = weights_times_values(w, v, float(kwargs.get("dropout_p", 0.0))).to(out.dtype)
     else:
         out = attention(q, k, v, backend=backend, **kwargs)
     if hh.active:
