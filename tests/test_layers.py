@@ -18,6 +18,7 @@ SRC = Path(qkv.__file__).parent
 
 #: the layer of every module, by the longest matching prefix of its dotted name
 LAYERS: dict[str, int] = {
+    "qkv.fingerprint": 0,
     "qkv.masks": 0,
     "qkv.patterns": 0,
     "qkv.scores": 0,

@@ -21,10 +21,13 @@ from .backends import available as _available
 if TYPE_CHECKING:
     from . import analysis, distributed, models, nn
 
-    BACKENDS: tuple[str, ...]
-    """Names of the backends that can run on this machine now (``backend=`` accepts them and ``"auto"``)."""
-
 __version__ = "0.1.0"
+
+BACKENDS: tuple[str, ...]  # annotated only: no global, so the module's __getattr__ answers each access
+"""Names of the backends that can run on this machine now (``backend=`` accepts them and ``"auto"``), read
+afresh at each access: after ``torch.distributed.init_process_group`` they include ``ring`` and
+``ulysses``, after ``qkv.backends.register(...)`` the new backend. ``from qkv import BACKENDS`` copies the
+tuple of that moment."""
 
 _LAZY = ("analysis", "distributed", "models", "nn")
 

@@ -110,6 +110,28 @@ def attention(
             shapes it got), an unknown backend, ``dropout_p`` outside ``[0, 1)``.
         NotImplementedError: a named backend that cannot serve this request (the message says why
             and which backend can).
+
+    Example:
+        With equal scores every query spreads its weight evenly over the keys the mask lets it see:
+
+        >>> import torch, qkv
+        >>> from qkv import masks
+        >>> q = torch.zeros(2, 8, 16, 32)                   # (B, H, Lq, D)
+        >>> k = v = torch.randn(2, 2, 16, 32)               # 2 key/value heads: grouped-query attention
+        >>> out, w = qkv.attention(q, k, v, mask=masks.causal(), return_weights=True)
+        >>> out.shape, w.shape
+        (torch.Size([2, 8, 16, 32]), torch.Size([2, 8, 16, 16]))
+        >>> w[0, 0, :3, :3]
+        tensor([[1.0000, 0.0000, 0.0000],
+                [0.5000, 0.5000, 0.0000],
+                [0.3333, 0.3333, 0.3333]])
+        >>> torch.allclose(out[0, 0, 2], v[0, 0, :3].mean(0))
+        True
+
+        A query that may see no key returns zeros, not NaN:
+
+        >>> qkv.attention(q, k, v, mask=masks.padding(0)).abs().max()
+        tensor(0.)
     """
     req, squeeze = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
     impl, plan = resolve(req, backend)
@@ -151,11 +173,16 @@ class Explanation:
     """Every candidate's estimated seconds (the cheapest is picked)."""
     mask: str = ""
     """The mask the request carried, in words (its structure, or the name of a fallback and its reason)."""
+    uncached: str = ""
+    """Why the mask's plans (tile classes, block masks) cannot be cached, so are built again on every
+    call; empty when they are cached (or nothing is planned)."""
 
     def __str__(self) -> str:
         lines = [f"auto -> {self.backend}: {self.reason}"]
         if self.mask:
             lines.append(f"  mask: {self.mask}")
+        if self.uncached:
+            lines.append(f"  plan: built again on every call, not cached: {self.uncached}")
         lines += [
             f"  {name}: ~{c * 1e3:.3g} ms estimated" for name, c in sorted(self.costs.items(), key=lambda x: x[1])
         ]
@@ -186,13 +213,35 @@ def explain(
 
     ``compiled=True`` says what ``auto`` does with this request inside ``torch.compile`` (or
     ``torch.export``): it picks among the backends that trace into the graph, from shapes and the mask's
-    structure alone, once per graph (see :mod:`qkv.backends.policy`)."""
+    structure alone, once per graph (see :mod:`qkv.backends.policy`).
+
+    Example:
+        Nothing is computed, so empty tensors of the right shape do:
+
+        >>> import torch, qkv
+        >>> from qkv import masks
+        >>> q = k = v = torch.empty(1, 8, 4096, 64)
+        >>> window = masks.causal() & masks.sliding_window(256)
+        >>> qkv.explain(q, k, v, mask=window).backend
+        'tiled'
+        >>> print(qkv.explain(q, k, v, mask=window))  # doctest: +ELLIPSIS
+        auto -> tiled: mask (causal & sliding_window(256, 0)) leaves ...% of ... tiles non-empty; ...
+          mask: (causal & sliding_window(256, 0))
+          tiled: ~... ms estimated
+        ...
+          not linear: only when asked for by name (backend=...)
+        ...
+    """
     if not isinstance(compiled, bool):
         raise TypeError(f"compiled must be a bool, got {type(compiled).__name__}")
     req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
     with assume_traced(compiled):
         c = choose(req)
-    return Explanation(c.backend, c.reason, c.declined, c.costs, repr(req.mask) if req.mask is not None else "")
+    # inside a compiled graph plans are made in the graph on every call anyway: nothing to say there
+    uncached = "" if compiled or req.mask is None else req.mask.cache_blocker() or ""
+    return Explanation(
+        c.backend, c.reason, c.declined, c.costs, repr(req.mask) if req.mask is not None else "", uncached
+    )
 
 
 def _validate(

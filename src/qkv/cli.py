@@ -46,7 +46,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="capture, measure and draw the attention of a real pretrained model")
-    p.add_argument("text", help="the text to run through the model")
+    p.add_argument("text", nargs="?", default=None, help="the text to run through the model (none with --syntax)")
     p.add_argument("--model", default="minilm", help="model name (default: minilm)")
     p.add_argument("--out", default="qkv-inspect", help="report folder (default: qkv-inspect)")
     p.add_argument(
@@ -54,11 +54,28 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also compare token importance by attention, gradients and leave-one-out (faithfulness.csv, importance.png)",
     )
+    p.add_argument(
+        "--syntax",
+        action="store_true",
+        help="score every head on template sentences with known relations (determiner->noun, verb->subject, ...)"
+        " against the best fixed-offset baseline (syntax.json)",
+    )
+    p.add_argument("--sentences", type=int, default=500, help="template sentences for --syntax (default: 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the template sentences for --syntax (default: 0)")
 
     def run(args: argparse.Namespace) -> int:
         from .apps import run_command
 
-        return run_command("inspect", args.text, model=args.model, out=args.out, faithfulness=args.faithfulness)
+        return run_command(
+            "inspect",
+            args.text,
+            model=args.model,
+            out=args.out,
+            faithfulness=args.faithfulness,
+            syntax=args.syntax,
+            sentences=args.sentences,
+            seed=args.seed,
+        )
 
     p.set_defaults(func=run)
 

@@ -36,6 +36,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from .fingerprint import Ref, Unkeyable, content_key, fingerprint_or_none, keyed_by_cache_key
+
 __all__ = [
     "EMPTY",
     "FULL",
@@ -91,8 +93,39 @@ def _grid(n: int, block: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return lo, torch.clamp(lo + block, max=n)
 
 
+@keyed_by_cache_key
 class Mask:
-    """Which (query, key) pairs may attend. Subclasses define ``evaluate`` and, ideally, ``bounds``."""
+    """Which (query, key) pairs may attend. Subclasses define ``evaluate`` and, ideally, ``bounds``.
+
+    Masks combine with ``&`` (both allow), ``|`` (either allows) and ``~`` (the complement), and
+    :meth:`to_dense` shows one as a bool tensor (True = may attend):
+
+    >>> from qkv import masks
+    >>> m = masks.causal() & masks.sliding_window(2)
+    >>> m
+    (causal & sliding_window(2, 0))
+    >>> m.to_dense(Lq=5, Lk=5)[0, 0].int()
+    tensor([[1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [0, 1, 1, 1, 0],
+            [0, 0, 1, 1, 1]], dtype=torch.int32)
+    >>> (~masks.causal()).to_dense(Lq=3, Lk=3)[0, 0].int()
+    tensor([[0, 1, 1],
+            [0, 0, 1],
+            [0, 0, 0]], dtype=torch.int32)
+    >>> (masks.causal() | masks.global_tokens(1)).to_dense(Lq=3, Lk=3)[0, 0].int()
+    tensor([[1, 1, 1],
+            [1, 1, 0],
+            [1, 1, 1]], dtype=torch.int32)
+
+    Each (query tile, key tile) is classified from the formula, without building the tile
+    (``EMPTY`` 0, ``FULL`` 1, ``PARTIAL`` 2):
+
+    >>> masks.causal().block_kinds(masks.Shape(B=1, H=1, Lq=8, Lk=8), 4, 4)
+    tensor([[[[2, 0],
+              [1, 2]]]], dtype=torch.int8)
+    """
 
     #: a short human name shown in ``repr`` and by :func:`qkv.explain`
     name: str = "mask"
@@ -154,11 +187,26 @@ class Mask:
         return self
 
     def cache_key(self) -> Hashable | None:
-        """A hashable that is equal for two masks exactly when they allow the same pairs on every
-        problem (their parameters, and the contents of small tensors they hold), or ``None`` when the
-        mask cannot tell (then plans are cached on the mask object itself). Backends cache their
-        per-mask plans (tile classifications, block masks) under it."""
+        """A hashable that is equal for two masks only when they allow the same pairs on every problem,
+        or ``None`` when the mask cannot establish that. Backends cache their per-mask plans (tile
+        classifications, ``BlockMask``s, ring kinds) under it; ``None`` means the plan is built again for
+        the call and kept nowhere (:meth:`cache_blocker` says why).
+
+        Named masks key on their parameters and the contents of the tensors they hold (at any size:
+        a tensor changed in place changes the key); :func:`from_fn` masks on a fingerprint of everything
+        the function can read (:mod:`qkv.fingerprint`). A subclass that holds data must key on all of it
+        (the default, ``None``, is always safe). While ``torch.compile`` traces, masks that hold tensors
+        answer ``None``: their values are not known then."""
         return None
+
+    def cache_blocker(self) -> str | None:
+        """``None`` when :meth:`cache_key` names this mask (its plans are cached); otherwise why not, in
+        words: plans for it are then built on every call (:func:`qkv.explain` shows this)."""
+        if self.cache_key() is not None:
+            return None
+        if _tracing():
+            return f"mask {self.name}: its tensors are not read while torch.compile traces"
+        return f"mask {self.name} names no cache key (a Mask subclass keys itself with cache_key())"
 
     # ---- public API --------------------------------------------------------------------------
     def tile(self, s: Shape, q0: int, q1: int, k0: int, k1: int) -> Tensor:
@@ -303,11 +351,13 @@ def _tracing() -> bool:
 
 
 def _tensor_key(t: Tensor) -> Hashable | None:
-    """A content key for a small tensor a mask holds (ids, lengths, layouts); ``None`` when large or
-    while tracing (a compiled region must not read tensor contents)."""
-    if t.numel() > 1 << 18 or _tracing():
+    """The content key of a tensor a mask holds (ids, lengths, layouts, a dense mask), at any size
+    (:func:`qkv.fingerprint.content_key`); ``None`` while tracing (a compiled region must not read
+    tensor contents) or for a tensor whose contents are not plain data."""
+    try:
+        return content_key(t)
+    except Unkeyable:
         return None
-    return (str(t.dtype), tuple(t.shape), t.detach().cpu().contiguous().numpy().tobytes())
 
 
 class _Binary(Mask):
@@ -330,8 +380,12 @@ class _Binary(Mask):
         return type(self)(self.a.globalize(gather), self.b.globalize(gather))
 
     def cache_key(self) -> Hashable | None:
-        ka, kb = self.a.cache_key(), self.b.cache_key()
+        ka = self.a.cache_key()
+        kb = None if ka is None else self.b.cache_key()
         return None if ka is None or kb is None else (self.op, ka, kb)
+
+    def cache_blocker(self) -> str | None:
+        return self.a.cache_blocker() or self.b.cache_blocker()
 
     def _to_device(self, device: torch.device) -> None:
         self.a._to_device(device)
@@ -396,6 +450,9 @@ class _Not(Mask):
     def cache_key(self) -> Hashable | None:
         k = self.a.cache_key()
         return None if k is None else ("~", k)
+
+    def cache_blocker(self) -> str | None:
+        return self.a.cache_blocker()
 
     def _to_device(self, device: torch.device) -> None:
         self.a._to_device(device)
@@ -475,7 +532,15 @@ class _Window(PositionalMask):
 
 
 def causal() -> Mask:
-    """Query ``i`` sees keys ``j <= i + Lk - Lq`` (bottom-right aligned when ``Lq != Lk``)."""
+    """Query ``i`` sees keys ``j <= i + Lk - Lq`` (bottom-right aligned when ``Lq != Lk``).
+
+    Two new queries after two cached keys (decoding with a KV cache) see the keys before them:
+
+    >>> from qkv import masks
+    >>> masks.causal().to_dense(Lq=2, Lk=4)[0, 0].int()
+    tensor([[1, 1, 1, 0],
+            [1, 1, 1, 1]], dtype=torch.int32)
+    """
     return _Window(None, 0, "causal")
 
 
@@ -489,6 +554,14 @@ def sliding_window(left: int, right: int = 0) -> Mask:
     Args:
         left: how many keys before the query's own position it may see (``>= 0``).
         right: how many keys after it (``>= 0``).
+
+    Example:
+        >>> from qkv import masks
+        >>> masks.sliding_window(1, 1).to_dense(Lq=4, Lk=4)[0, 0].int()
+        tensor([[1, 1, 0, 0],
+                [1, 1, 1, 0],
+                [0, 1, 1, 1],
+                [0, 0, 1, 1]], dtype=torch.int32)
     """
     for arg, val in (("left", left), ("right", right)):
         if not isinstance(val, int) or isinstance(val, bool):
@@ -569,6 +642,12 @@ def padding(kv_lengths: int | Sequence[int] | Tensor, q_lengths: int | Sequence[
         kv_lengths: an int, or one length per batch row, shape ``(B,)``; each in ``[0, Lk]``.
         q_lengths: optionally, real queries per row; padded query rows attend to nothing and
             return zeros.
+
+    Example:
+        >>> from qkv import masks
+        >>> masks.padding([3, 5]).to_dense(B=2, Lq=1, Lk=5)[:, 0, 0].int()
+        tensor([[1, 1, 1, 0, 0],
+                [1, 1, 1, 1, 1]], dtype=torch.int32)
     """
     m: Mask = _KeyBelow(_as_index_tensor(kv_lengths, "padding: kv_lengths"), "padding: kv_lengths", "padding")
     if q_lengths is not None:
@@ -640,6 +719,14 @@ def prefix_lm(prefix_len: int | Sequence[int] | Tensor) -> Mask:
 
     Args:
         prefix_len: an int, or one per batch row, shape ``(B,)``.
+
+    Example:
+        >>> from qkv import masks
+        >>> masks.prefix_lm(2).to_dense(Lq=4, Lk=4)[0, 0].int()
+        tensor([[1, 1, 0, 0],
+                [1, 1, 0, 0],
+                [1, 1, 1, 0],
+                [1, 1, 1, 1]], dtype=torch.int32)
     """
     n = _as_index_tensor(prefix_len, "prefix_lm: prefix_len")
     return _Or(
@@ -807,7 +894,8 @@ class _Document(Mask):
         return _Document(qi, qi if self.kv_ids is self.q_ids else gather(self.kv_ids))
 
     def cache_key(self) -> Hashable | None:
-        qk, kk = _tensor_key(self.q_ids), _tensor_key(self.kv_ids)
+        qk = _tensor_key(self.q_ids)
+        kk = qk if self.kv_ids is self.q_ids else _tensor_key(self.kv_ids)  # self-attention: read once
         return None if qk is None or kk is None else ("document", qk, kk)
 
 
@@ -830,6 +918,17 @@ def document(q_ids: Sequence[int] | Tensor, kv_ids: Sequence[int] | Tensor | Non
 
     Combine with :func:`causal` for packed causal language modelling. Tiles are classified from
     each tile's min and max id: exact for sorted ids (the packed layout), conservative otherwise.
+
+    Example:
+        >>> import torch
+        >>> from qkv import masks
+        >>> ids = torch.tensor([0, 0, 1, 1, 1])             # two documents packed in one row
+        >>> (masks.document(ids) & masks.causal()).to_dense(Lq=5, Lk=5)[0, 0].int()
+        tensor([[1, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0],
+                [0, 0, 1, 0, 0],
+                [0, 0, 1, 1, 0],
+                [0, 0, 1, 1, 1]], dtype=torch.int32)
     """
     qi = _as_index_tensor(q_ids, "document: q_ids")
     ki = qi if kv_ids is None else _as_index_tensor(kv_ids, "document: kv_ids")
@@ -885,7 +984,8 @@ class _VarlenCausal(Mask):
         return _tied_to_layout(self)
 
     def cache_key(self) -> Hashable | None:
-        cq, ck = _tensor_key(self.cq), _tensor_key(self.ck)
+        cq = _tensor_key(self.cq)
+        ck = cq if self.ck is self.cq else _tensor_key(self.ck)
         return None if cq is None or ck is None else ("varlen_causal", cq, ck)
 
 
@@ -1070,8 +1170,8 @@ def from_dense(mask: Tensor) -> Mask:
 
 
 class _Fn(Mask):
-    def __init__(self, fn: MaskMod, name: str):
-        self.fn, self.name = fn, name
+    def __init__(self, fn: MaskMod, name: str, key: object = None):
+        self.fn, self.name, self.key = fn, name, key
 
     def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         out = self.fn(b, h, q, k)
@@ -1085,23 +1185,67 @@ class _Fn(Mask):
     def shard_blocker(self) -> str | None:
         return None  # a mask_mod speaks global indices
 
+    def _key(self) -> tuple[Hashable | None, str | None]:
+        if self.key is None:
+            k, why = fingerprint_or_none(self.fn)
+            return (None, f"mask_mod {self.name}: {why}") if k is None else (("fn", k), None)
+        # the user named what the function depends on: its code (or the callable itself) and that key
+        code = getattr(self.fn, "__code__", None)
+        k, why = fingerprint_or_none(self.key, max_bytes=None)
+        if k is None:
+            return None, f"mask_mod {self.name}: its key= cannot be keyed: {why}"
+        return ("fn-key", code if code is not None else Ref(self.fn), k), None
+
     def cache_key(self) -> Hashable | None:
-        return ("fn", self.fn)
+        return self._key()[0]
+
+    def cache_blocker(self) -> str | None:
+        return self._key()[1]
 
 
-def from_fn(mask_mod: MaskMod, name: str | None = None) -> Mask:
+def from_fn(mask_mod: MaskMod, name: str | None = None, *, key: object = None) -> Mask:
     """A mask from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
 
     The function receives raw indices (no bottom-right shift) as broadcastable integer tensors and
-    must be built from tensor operations (as FlexAttention requires) and be pure: the same function
-    object must always allow the same pairs, because plans (tile classifications) are cached per
-    function object. Tiles are classified by evaluating them."""
+    must be built from tensor operations (as FlexAttention requires). Tiles are classified by
+    evaluating them, and that classification (the plan) is cached under a fingerprint of everything
+    the function can read, so FlexAttention's idiom is safe: a ``mask_mod`` that reads the current
+    batch's document ids from a tensor it closes over or names as a global may be passed again after
+    the ids changed (in place, or the global or closure cell rebound), and the plan follows them.
+    The fingerprint (:mod:`qkv.fingerprint`) covers the code, closure cells, defaults and the globals
+    the code names, followed through functions it calls, ``functools.partial``, bound methods and
+    objects, with tensors by contents; attributes of modules and ``nn.Module`` objects by the names the code
+    spells. Where it meets state it cannot read (a ``torch.Generator``, ``globals()``, a tensor while
+    ``torch.compile`` traces) the plan is built again on every call (:func:`qkv.explain` says so).
+
+    Args:
+        mask_mod: the function; ``mask_mod(b, h, q_idx, kv_idx)`` with ``b (B,1,1,1)``, ``h (1,H,1,1)``,
+            ``q_idx (1,1,Lq,1)``, ``kv_idx (1,1,1,Lk)`` integer tensors (or scalars under FlexAttention's
+            vmap) returns a bool tensor broadcastable to ``(B, H, Lq, Lk)``, True = may attend.
+        name: shown by ``repr`` and :func:`qkv.explain` (default: the function's ``__name__``).
+        key: for a function that reads state qkv cannot fingerprint: the values its answer depends on
+            (a tensor, numbers, a tuple of them), keyed by contents like the function's own state. The
+            fingerprint is then not taken: plans are cached per (the function's code, ``key``), so
+            ``key`` must name everything the answer depends on. ``None`` (the default): fingerprint.
+
+    >>> from qkv import masks
+    >>> def every_other(b, h, q_idx, kv_idx):
+    ...     return (q_idx - kv_idx) % 2 == 0
+    >>> masks.from_fn(every_other).to_dense(Lq=3, Lk=3)[0, 0].int()
+    tensor([[1, 0, 1],
+            [0, 1, 0],
+            [1, 0, 1]], dtype=torch.int32)
+    """
     if not callable(mask_mod):
         raise TypeError(f"from_fn: mask_mod must be callable, got {type(mask_mod).__name__}")
-    return _Fn(mask_mod, name or str(getattr(mask_mod, "__name__", "mask_mod")))
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"from_fn: name must be a string, got {type(name).__name__}")
+    return _Fn(mask_mod, name or str(getattr(mask_mod, "__name__", "mask_mod")), key)
 
 
 MaskLike = Union[Mask, Tensor, MaskMod]
+"""What ``mask=`` accepts: a :class:`Mask`, a bool tensor broadcastable to ``(B, H, Lq, Lk)`` (True = may
+attend), or a FlexAttention ``mask_mod`` (:data:`MaskMod`)."""
 
 
 def _need(mask: MaskLike) -> Mask:

@@ -112,7 +112,12 @@ class _Compose(ScoreMod):
 
 
 def compose(*mods: ScoreMod | ScoreModFn) -> ScoreMod:
-    """Apply score mods left to right: ``compose(alibi(8), softcap(30))``."""
+    """Apply score mods left to right: ``compose(alibi(8), softcap(30))``.
+
+    >>> from qkv import scores
+    >>> scores.compose(scores.alibi(8), scores.softcap(30.0))
+    alibi(8) -> softcap(30)
+    """
     if not mods:
         raise ValueError("compose: give at least one score mod")
     return _Compose(*(_need(m) for m in mods))
@@ -145,7 +150,12 @@ class _Additive(ScoreMod):
 
 def alibi_slopes(num_heads: int) -> Tensor:
     """ALiBi's head slopes (Press et al. 2022): ``2^(-8/n), 2^(-16/n), ...`` for ``n`` a power of two;
-    otherwise the slopes of the nearest smaller power of two, then every other slope of twice that."""
+    otherwise the slopes of the nearest smaller power of two, then every other slope of twice that.
+
+    >>> from qkv import scores
+    >>> scores.alibi_slopes(4)
+    tensor([0.2500, 0.0625, 0.0156, 0.0039], dtype=torch.float64)
+    """
     if num_heads < 1:
         raise ValueError(f"alibi: num_heads must be >= 1, got {num_heads}")
 
@@ -187,6 +197,15 @@ def alibi(num_heads: int, symmetric: bool = False) -> ScoreMod:
     Args:
         num_heads: the number of query heads ``H``; slopes per :func:`alibi_slopes`.
         symmetric: use ``-slope_h * |j - p|`` instead, for bidirectional encoders.
+
+    Example:
+        The bias of the first of two heads (slope ``2^-4``) on three queries and keys:
+
+        >>> from qkv import masks, scores
+        >>> scores.alibi(2).additive_bias(masks.Shape(B=1, H=2, Lq=3, Lk=3))[0, 0]
+        tensor([[ 0.0000,  0.0625,  0.1250],
+                [-0.0625,  0.0000,  0.0625],
+                [-0.1250, -0.0625,  0.0000]])
     """
     return _Alibi(num_heads, symmetric)
 
@@ -201,7 +220,16 @@ class _Softcap(ScoreMod):
 
 
 def softcap(cap: float) -> ScoreMod:
-    """Logit soft-capping (Gemma 2, Grok): ``cap * tanh(score / cap)``; ``cap > 0``."""
+    """Logit soft-capping (Gemma 2, Grok): ``cap * tanh(score / cap)``; ``cap > 0``.
+
+    Small scores pass almost unchanged, large ones approach ``cap``:
+
+    >>> import torch
+    >>> from qkv import scores
+    >>> mod = scores.softcap(2.0).score_mod(Lq=1, Lk=1)   # as a FlexAttention score_mod
+    >>> mod(torch.tensor([0.5, 10.0]), 0, 0, 0, 0)
+    tensor([0.4898, 1.9998])
+    """
     if not isinstance(cap, (int, float)) or not cap > 0 or math.isinf(cap):
         raise ValueError(f"softcap: cap must be a finite number > 0, got {cap!r}")
     return _Softcap(cap)

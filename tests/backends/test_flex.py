@@ -257,9 +257,12 @@ def test_plans_are_cached_per_mask_shape_and_block():
     PLANS.clear()
     q = torch.randn(1, 2, 96, 8)
     flex = backends.get("flex")
-    p1 = flex.plan(_req(q, q, q, M.causal() & M.sliding_window(20), block_size=16))
-    p2 = flex.plan(_req(q, q, q, M.causal() & M.sliding_window(20), block_size=16))
-    assert p1 is p2 and p1.block_mask is not None
+    mask = M.causal() & M.sliding_window(20)
+    p1 = flex.plan(_req(q, q, q, mask, block_size=16))
+    assert flex.plan(_req(q, q, q, mask, block_size=16)) is p1 and p1.block_mask is not None
+    p2 = flex.plan(_req(q, q, q, M.causal() & M.sliding_window(20), block_size=16))  # an equal mask
+    assert p2.block_mask.kv_indices is p1.block_mask.kv_indices and PLANS.builds == 1  # its blocks: cached
+    assert p2.block_mask.mask_mod is not p1.block_mask.mask_mod  # its mask_mod: the request's own mask's
     assert flex.plan(_req(q, q, q, M.causal() & M.sliding_window(20), block_size=32)) is not p1
     assert flex.plan(_req(q[:, :, :64], q, q, M.causal() & M.sliding_window(20), block_size=16)) is not p1
     assert flex.plan(_req(q, q, q)).block_mask is None and flex.plan(_req(q, q, q, M.full())).block_mask is None

@@ -33,13 +33,37 @@ def test_masks_over_ids_are_keyed_by_their_contents():
     assert (a.codes == FULL).sum() == 4 and (b.codes == PARTIAL).sum() == 4  # documents of a tile, of half a tile
 
 
-def test_a_mask_without_a_key_caches_on_itself():
+def test_a_large_dense_mask_is_keyed_by_its_contents():
+    """No size above which a tensor falls back to identity: 16M elements keyed by a digest, so an edit
+    in place gives a new plan, and a new tensor with the same contents the old one."""
     PLANS.clear()
     s = Shape(1, 1, 4000, 4000)
-    big = M.from_dense(torch.ones(4000, 4000, dtype=torch.bool).tril())  # too big to key by contents
-    assert big.cache_key() is None
+    t = torch.ones(4000, 4000, dtype=torch.bool).tril()
+    big = M.from_dense(t)
+    assert big.cache_key() is not None
     p = tile_plan(big, s, 256, 128)
-    assert tile_plan(big, s, 256, 128) is p and PLANS.builds == 1
+    assert tile_plan(M.from_dense(t.clone()), s, 256, 128) is p and PLANS.builds == 1
+    t[:, 0] = False  # in place: the first key block is no longer full for anyone
+    p2 = tile_plan(big, s, 256, 128)
+    assert p2 is not p and PLANS.builds == 2 and not (p2.codes[:, 0] == FULL).any()
+
+
+def test_a_mask_without_a_key_is_planned_for_each_call():
+    """cache_key() None: built for the call, stored nowhere (no plan of an earlier call is ever reused)."""
+    PLANS.clear()
+    s = Shape(1, 1, 256, 256)
+
+    class Opaque(M.Mask):  # a subclass that does not key itself
+        def evaluate(self, s, b, h, q, k):
+            return q >= k
+
+    m = Opaque()
+    assert m.cache_key() is None and "names no cache key" in (m.cache_blocker() or "")
+    p1, p2 = tile_plan(m, s, 64, 64), tile_plan(m, s, 64, 64)
+    assert p1 is not p2 and PLANS.builds == 2 and PLANS.uncached == 2 and PLANS.hits == 0
+    with PLANS.scope():  # within one call it is built once, however many backends ask
+        assert tile_plan(m, s, 64, 64) is tile_plan(m, s, 64, 64)
+    assert PLANS.builds == 3
 
 
 def test_layers_that_share_a_mask_build_one_plan():

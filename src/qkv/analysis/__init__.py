@@ -14,6 +14,9 @@
   (:mod:`qkv.analysis.importance`), their agreement (Kendall tau, top-k overlap: :mod:`qkv.analysis.agreement`),
   the permutation test and uniform-attention baseline (:mod:`qkv.analysis.faithfulness`), and head detectors
   for previous-token, duplicate-token and induction heads (:mod:`qkv.analysis.heads_detect`).
+- Heads that follow syntax (Clark et al. 2019): :func:`syntax_heads` scores every head on relations such as
+  determiner -> noun or pronoun -> antecedent (the most-attended word is the related word) against the best
+  fixed offset (:mod:`qkv.analysis.syntax`), on :func:`template_sentences` (:mod:`qkv.analysis.syntax_sentences`).
 - :func:`write_head_report`: all of it in one folder (viewer, PNGs, per-head table, summary), what
   ``qkv inspect "text"`` writes for a real model.
 """
@@ -54,6 +57,8 @@ from .measures import (
 )
 from .render import downsample_max, plot_alignment, plot_grid, plot_head
 from .report import HeadReport, write_head_report
+from .syntax import SyntaxScores, syntax_heads, syntax_scores, word_attention
+from .syntax_sentences import Sentence, template_sentences
 from .viewer import write_viewer
 
 __all__ = [
@@ -103,4 +108,10 @@ __all__ = [
     "plot_head",
     "write_head_report",
     "write_viewer",
+    "Sentence",
+    "SyntaxScores",
+    "syntax_heads",
+    "syntax_scores",
+    "template_sentences",
+    "word_attention",
 ]

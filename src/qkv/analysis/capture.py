@@ -88,7 +88,8 @@ def capture(
 
     Args:
         model: a qkv model, a module tree with ``torch.nn.MultiheadAttention`` layers, or a Hugging Face model.
-        *args, **kwargs: the model's inputs, passed through unchanged (for Hugging Face models
+        *args: the model's positional inputs, passed through unchanged.
+        **kwargs: the model's keyword inputs, passed through unchanged (for Hugging Face models
             ``output_attentions=True, return_dict=True`` are added).
         tokens: the token strings of each batch row (not passed to the model). When omitted and the model
             has a ``tokenizer`` with ``convert_ids_to_tokens`` (as :class:`qkv.models.BertEncoder` has), they

@@ -81,7 +81,8 @@ def head_scores(
         maps: self-attention layers ``(B, H, L, L)`` (:func:`qkv.analysis.capture`'s maps) of one pass on ``ids``.
         ids: the token ids ``(B, L)`` of that pass.
         pattern: ``"previous"``, ``"duplicate"`` or ``"induction"``.
-        valid: ``(B, L)`` real tokens (padding is neither query nor target).
+        valid: ``(B, L)`` real tokens (padding is neither query nor target, nor, for ``induction``, the earlier
+            occurrence before a target: left padding with a real token's id finds nothing).
 
     Returns:
         ``(layers, H)`` float64 in ``[0, 1]``; NaN where no query row has a target.
@@ -92,7 +93,12 @@ def head_scores(
     tgt = target_mask(ids, pattern)
     if valid is not None:
         v = valid.bool().cpu()
+        if tuple(v.shape) != (B, L):
+            raise ValueError(f"valid must be (B, L) = {(B, L)} like ids, got {tuple(v.shape)}")
         tgt = tgt & v[:, :, None] & v[:, None, :]
+        if pattern == "induction":  # the earlier occurrence (key j - 1) must be a real token too
+            earlier = torch.cat([torch.zeros(B, 1, dtype=torch.bool), v[:, :-1]], dim=1)
+            tgt = tgt & earlier[:, None, :]
     rows = tgt.any(-1)  # (B, L) queries with a target
     n = rows.sum().double()
     out = []

@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 AttentionMethod = Literal["mean", "rollout", "flow"]
+"""How :func:`attention_importance` reads attention: one layer's mean over heads, rollout or flow."""
 
 
 def _rows(a: Tensor, query: int | Sequence[int] | Tensor | None, valid: Tensor | None) -> Tensor:

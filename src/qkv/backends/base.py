@@ -112,8 +112,7 @@ class Backend:
 
     Subclasses set :attr:`name` (and :attr:`options`, the flags below) and implement :meth:`supports`,
     :meth:`cost` and :meth:`run`; :meth:`plan` when they decide something before computing that is worth
-    caching (through :data:`qkv.backends.plan.PLANS`, keyed by the mask's
-    :meth:`~qkv.masks.Mask.cache_key`).
+    caching (cache it in :data:`qkv.backends.plan.PLANS`).
 
     **Flags** say what a backend is without a request, and everything that needs to know reads them
     from the registry (:func:`qkv.backends.registered`), never from a list of names: the policy

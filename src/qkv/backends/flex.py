@@ -9,8 +9,10 @@ CPU (C++). What qkv adds around it:
   from :meth:`qkv.masks.Mask.block_kinds` (empty, full or partial per block, from the mask's formula:
   no ``Lq x Lk`` evaluation for named masks), not from ``create_block_mask``'s dense evaluation, and
   has the same structure (a block that hangs over the end of the sequence is never full, as there).
-  It is cached in :data:`qkv.backends.plan.PLANS` per (mask, shape, device, block size), so the
-  layers of a model and the steps of a loop share it.
+  It is cached in :data:`qkv.backends.plan.PLANS` per (mask key, shape, device, block size), so the
+  layers of a model and the steps of a loop share it; the key follows the mask's data (a ``mask_mod``
+  by a fingerprint of what it reads), and a cached ``BlockMask`` handed to another mask object with
+  the same key gets that mask's own ``mask_mod``, so partial blocks read the current call's data.
 * **Score mods** become Flex ``score_mod`` functions (:meth:`qkv.scores.ScoreMod.score_mod`), masks
   ``mask_mod`` functions that already use bottom-right aligned positions when ``Lq != Lk``.
 * **Compile bookkeeping.** One ``torch.compile(flex_attention)`` per device type is shared by every
@@ -43,15 +45,18 @@ Options (keyword arguments of :func:`qkv.attention`):
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import inspect
 import logging
 import os
 import shutil
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -137,6 +142,7 @@ class Stats:
 
 
 STATS = Stats()
+"""This process's counts (:class:`Stats`): block masks built, kernel calls, real compiles."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,10 +219,26 @@ class FlexPlan:
     """Fraction of block pairs not empty (averaged over batch rows and heads)."""
     partial: float
     """Fraction of block pairs where the ``mask_mod`` is evaluated."""
+    source: Any = field(default=None, compare=False, repr=False)
+    """A weak reference to the mask whose ``mask_mod`` the ``BlockMask`` evaluates."""
 
     @property
     def blocks(self) -> int:
         return -(-self.shape.Lq // self.block) * -(-self.shape.Lk // self.block)
+
+
+def _for_mask(plan: FlexPlan, mask: Mask | None) -> FlexPlan:
+    """``plan`` with a ``BlockMask`` that evaluates ``mask``'s own ``mask_mod``. A plan cached under a
+    key is shared by every mask object with that key, but its ``mask_mod`` reads the tensors of the
+    mask it was built from, which may since have changed (a buffer reused for the next batch): the
+    block lists follow the key, the ``mask_mod`` must follow the request."""
+    if mask is None or plan.block_mask is None or (plan.source is not None and plan.source() is mask):
+        return plan
+    s = plan.shape
+    mask.to(s.device)
+    bm = copy.copy(plan.block_mask)
+    bm.mask_mod = mask.mask_mod(s.Lq, s.Lk, s.B, s.H)
+    return dataclasses.replace(plan, block_mask=bm, source=weakref.ref(mask))
 
 
 def _build(mask: Mask | None, shape: Shape, block: int) -> FlexPlan:
@@ -229,7 +251,7 @@ def _build(mask: Mask | None, shape: Shape, block: int) -> FlexPlan:
     nk = max(1, bm.kv_indices.shape[-1])  # key blocks per query block
     partial = float(bm.kv_num_blocks.double().mean()) / nk
     full = float(bm.full_kv_num_blocks.double().mean()) / nk
-    return FlexPlan(shape, block, bm, partial + full, partial)
+    return FlexPlan(shape, block, bm, partial + full, partial, weakref.ref(mask))
 
 
 def _static_fractions(mask: Mask | None, shape: Shape, block: int) -> tuple[float, float]:
@@ -528,7 +550,8 @@ class Flex(Backend):
         b = _block(req)
         if tracing():  # built in the graph: a document mask's BlockMask follows the ids of each batch
             return _build(req.mask, req.shape, b)
-        return PLANS.get(req.mask, ("flex", req.shape, b), lambda: _build(req.mask, req.shape, b))
+        plan = PLANS.get(req.mask, ("flex", req.shape, b), lambda: _build(req.mask, req.shape, b))
+        return _for_mask(plan, req.mask)
 
     def kernel_key(self, req: Request) -> Hashable:
         """What names the compiled kernel of ``req``, apart from its shape (no plan needed: ``auto``

@@ -6,14 +6,16 @@ reads the live fraction from): for a mask and a problem shape, which (query tile
 empty, full or partial, and the key segments each query tile visits.
 
 Plans are cached (:data:`PLANS`) under the mask's :meth:`~qkv.masks.Mask.cache_key` (its parameters
-and the contents of small tensors it holds), so the layers of a model that share a mask, and the next
-step of a training loop, reuse the plan; a mask that cannot name itself (a large dense mask) caches its
-plans on the object itself.
+and the contents of every tensor it holds or, for a ``mask_mod``, can read), so the layers of a model
+that share a mask, and the next step of a training loop over the same data, reuse the plan, and a mask
+whose data changed gets a new one. A mask that cannot name itself (``cache_key() is None``: a
+``mask_mod`` reading state qkv cannot fingerprint, any mask while ``torch.compile`` traces) has its plan
+built again for each call and kept nowhere: never the plan of another call.
 """
 
 from __future__ import annotations
 
-import weakref
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from ..masks import EMPTY, FULL, PARTIAL, Mask, Shape
 
-__all__ = ["PLANS", "Band", "PlanCache", "Segment", "Tile", "TilePlan", "block_codes", "plan_tiles", "tile_plan"]
+__all__ = ["PLANS", "Band", "PlanCache", "PlanScope", "Segment", "Tile", "TilePlan", "block_codes", "plan_tiles", "tile_plan"]
 
 T = TypeVar("T")
 
@@ -35,43 +37,90 @@ BAND_ROWS = 64
 """Query rows per batch entry of a :class:`Band`, at least (0: no bands)."""
 
 
+_MISSING = object()
+
+
+class PlanScope:
+    """The context of :meth:`PlanCache.scope` (a class: cheaper than a generator per call)."""
+
+    __slots__ = ("local", "outer")
+
+    def __init__(self, local: Any) -> None:
+        self.local = local  # the cache's threading.local
+        self.outer = False
+
+    def __enter__(self) -> None:
+        self.outer = getattr(self.local, "memo", None) is None
+        if self.outer:
+            self.local.memo = {}
+
+    def __exit__(self, *exc: object) -> None:
+        if self.outer:
+            self.local.memo = None
+
+
 class PlanCache:
     """A bounded cache of plans keyed by (mask, what): ``get(mask, key, build)`` returns the plan built
-    by ``build()`` the first time. ``builds`` and ``hits`` count what happened (tests read them)."""
+    by ``build()`` for the mask's :meth:`~qkv.masks.Mask.cache_key`. A mask without a key gets a plan
+    built for the call (kept only for the rest of the call, inside :meth:`scope`), never a stored one.
+
+    ``builds``, ``hits`` and ``uncached`` (builds for masks without a key) count what happened (tests
+    and benchmarks read them)."""
 
     def __init__(self, size: int = 512) -> None:
         self.size = size
         self._lru: OrderedDict[Hashable, Any] = OrderedDict()
-        self._by_object: weakref.WeakKeyDictionary[Mask, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
+        self._local = threading.local()
         self.builds = 0
         self.hits = 0
+        self.uncached = 0
+
+    def scope(self) -> PlanScope:
+        """One call of attention (``auto``'s choice, a backend's plan and its run): inside it a mask's key
+        is computed once however many backends ask (a ``mask_mod``'s fingerprint reads its tensors), and
+        a plan is looked up (or, for a mask without a key, built) once. Nested scopes join the outermost.
+        Use as ``with PLANS.scope(): ...``."""
+        return PlanScope(self._local)
+
+    def key(self, mask: Mask) -> Hashable | None:
+        """``mask.cache_key()``, computed once per :meth:`scope`."""
+        memo: dict[Hashable, Any] | None = getattr(self._local, "memo", None)
+        if memo is None:
+            return mask.cache_key()
+        got = memo.get(id(mask))
+        if got is None or got[0] is not mask:  # the memo holds the mask: its id is not reused in the scope
+            got = memo[id(mask)] = (mask, mask.cache_key())
+        return got[1]
 
     def get(self, mask: Mask | None, key: Hashable, build: Callable[[], T]) -> T:
-        mk = None if mask is None else mask.cache_key()
-        if mask is not None and mk is None:  # cached on the mask object, gone with it
-            table = self._by_object.setdefault(mask, {})
-            if key in table:
-                self.hits += 1
-                return table[key]  # type: ignore[no-any-return]
-            value = table[key] = build()
+        memo: dict[Hashable, Any] | None = getattr(self._local, "memo", None)
+        mk = None if mask is None else self.key(mask)  # in a scope, the memo now holds the mask
+        here = None if memo is None or mask is None else ("plan", id(mask), key)
+        if here is not None and memo is not None and here in memo:  # asked again within the call (auto's cost, then its run)
+            return memo[here]  # type: ignore[no-any-return]
+        if mask is not None and mk is None:  # unknowable: built for this call, stored nowhere else
+            value = build()
             self.builds += 1
-            return value
-        full_key = (mk, key)
-        if full_key in self._lru:
-            self._lru.move_to_end(full_key)
-            self.hits += 1
-            return self._lru[full_key]  # type: ignore[no-any-return]
-        value = build()
-        self.builds += 1
-        self._lru[full_key] = value
-        if len(self._lru) > self.size:
-            self._lru.popitem(last=False)
-        return value
+            self.uncached += 1
+        else:
+            full_key = (mk, key)
+            value = self._lru.get(full_key, _MISSING)
+            if value is not _MISSING:
+                self._lru.move_to_end(full_key)
+                self.hits += 1
+            else:
+                value = build()
+                self.builds += 1
+                self._lru[full_key] = value
+                if len(self._lru) > self.size:
+                    self._lru.popitem(last=False)
+        if here is not None and memo is not None:
+            memo[here] = value
+        return value  # type: ignore[no-any-return]
 
     def clear(self) -> None:
         self._lru.clear()
-        self._by_object = weakref.WeakKeyDictionary()
-        self.builds = self.hits = 0
+        self.builds = self.hits = self.uncached = 0
 
 
 PLANS = PlanCache()

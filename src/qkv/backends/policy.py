@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend, Request, tracing, unsupported
+from .plan import PLANS
 from .registry import get, registered
 
 __all__ = ["Choice", "candidates", "choose", "rank", "resolve"]
@@ -126,6 +127,11 @@ def _no_backend(declined: dict[str, str]) -> NotImplementedError:
 def choose(req: Request) -> Choice:
     """The backend ``auto`` runs for ``req``, with every candidate's cost and every other backend's
     reason in words. Raises ``NotImplementedError`` (with every backend's reason) when none can serve it."""
+    with PLANS.scope():  # the mask's key is computed once, however many backends cost it
+        return _choose(req)
+
+
+def _choose(req: Request) -> Choice:
     name, ok, costs, declined = _pick(req)
     if name is None:
         return _none_serves(declined)
@@ -159,6 +165,11 @@ def resolve(req: Request, backend: str = "auto") -> tuple[Backend, Any]:
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    with PLANS.scope():
+        return _resolve(req, backend)
+
+
+def _resolve(req: Request, backend: str) -> tuple[Backend, Any]:
     if tracing():
         return _resolve_traced(req, backend)
     if backend == "auto":

@@ -348,6 +348,9 @@ def ring_attention(
 
 
 class Ring(Backend):
+    """The ``ring`` backend: :func:`ring_attention` as ``qkv.attention(..., backend="ring", group=...,
+    layout=...)`` on each rank's local shards; never picked by ``auto``."""
+
     name = "ring"
     options = frozenset({"group", "layout"})
     automatic = False  # its q, k, v are local shards of a longer sequence: only when asked for by name

