@@ -5,8 +5,11 @@
 
 For each request (dense, causal, causal window 256, 8 documents, padding keeping 75% of keys, ALiBi +
 causal, softcap; 1k-8k tokens; forward, and forward+backward for a few) every exact backend that
-serves it and ``auto`` are timed in turns, the order rotating each round (so they share the machine's load
-and the cost of following a large call), median of ``--repeats``.
+serves it (from the registry: ``exact``, ``automatic`` and available here, a backend added with
+``qkv.backends.register`` too; one whose own estimate exceeds ``--max-estimate-s`` is not timed unless
+``auto`` picks it: the formula as written beyond a few thousand tokens) and ``auto`` are timed in turns,
+the order rotating each round (so they share the machine's load and the cost of following a large call),
+median of ``--repeats``.
 Regret is auto's median over the fastest backend's median from the same run (1.0 = auto picked the
 fastest and its dispatch costs nothing). The targets (issue 11): geometric mean <= 1.1 and worst
 <= 1.3, in each dtype. It also prints how far each backend's cost estimate is from its measured time.
@@ -28,7 +31,10 @@ import qkv
 from qkv import masks as M
 from qkv import scores as S
 
-EXACT = ("sdpa", "tiled", "reference")
+
+def exact() -> list[str]:
+    """The backends timed against ``auto``: exact, automatic and available here, from the registry."""
+    return [n for n, b in qkv.backends.registered().items() if b.exact and b.automatic and b.available()]
 
 
 def requests(quick: bool) -> list[tuple[str, int, int, str, dict[str, Any]]]:
@@ -84,15 +90,17 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--only", default="", help="time only the requests whose label contains this text")
+    p.add_argument("--max-estimate-s", type=float, default=1.2, help="do not time a backend estimated slower")
     args = p.parse_args()
+    timed = exact()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu} ({platform.machine()})")
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
         regrets: list[float] = []
         print(f"\n{dname}, B=1, D=64, median of {args.repeats} (ms; * = fastest)")
-        print(f"| request | L | H | mode | auto picks | {' | '.join(EXACT)} | auto | regret |")
-        print("|---|---:|---:|---|---|" + "---:|" * (len(EXACT) + 2))
+        print(f"| request | L | H | mode | auto picks | {' | '.join(timed)} | auto | regret |")
+        print("|---|---:|---:|---|---|" + "---:|" * (len(timed) + 2))
         for label, L, H, mode, kw in requests(args.quick):
             if args.only not in label:
                 continue
@@ -102,9 +110,13 @@ def main() -> int:
             if mode == "fwd+bwd":
                 choice = qkv.explain(q.requires_grad_(True), q, q, **kw)
                 q = q.detach()
-            names = [n for n in EXACT if n in choice.costs]
-            # the formula as written is hopeless beyond a few thousand tokens: time it only where it could win
-            names = [n for n in names if n != "reference" or L * L * H <= 2048 * 2048 * 8]
+            # a backend its own estimate calls hopeless (the formula as written beyond a few thousand tokens)
+            # is timed only where auto picks it
+            names = [
+                n
+                for n in timed
+                if n in choice.costs and (choice.costs[n] <= args.max_estimate_s or n == choice.backend)
+            ]
             fns = {n: _call(n, q, mode, kw) for n in names}
             fns["auto"] = _call("auto", q, mode, kw)
             times: dict[str, list[float]] = {n: [] for n in fns}
@@ -123,7 +135,7 @@ def main() -> int:
             cells = [
                 ("-" if n not in med else f"{med[n]:.1f}{'*' if med[n] == best else ''}")
                 + (f" (est {choice.costs[n] * 1e3:.0f})" if n in choice.costs and n in med else "")
-                for n in EXACT
+                for n in timed
             ]
             print(
                 f"| {label} | {L} | {H} | {mode} | {choice.backend} | {' | '.join(cells)} | {med['auto']:.1f} |"

@@ -5,12 +5,13 @@
     ... --static          compile flex with static shapes on CUDA (if automatic dynamic shapes fail)
     ... --only speed      skip the other parts (or --only conformance, --only compile)
 
-1. Conformance: ``sdpa``, ``flex`` and ``tiled`` on CUDA against ``reference`` in float64, forward and
-   backward, fp16 and bf16, for every mask kind (GQA 4 on 2, Lq=200 != Lk=300, not multiples of the
+1. Conformance: every exact backend available (read from the registry: ``sdpa``, ``flex``, ``tiled``,
+   ``reference`` itself, and any backend added with ``qkv.backends.register``) on CUDA against
+   ``reference`` in float64, forward and backward, fp16 and bf16, for every mask kind (GQA 4 on 2, Lq=200 != Lk=300, not multiples of the
    128 block, rows that see nothing) and a few score mods. FlashAttention's rule: a backend's error
    must be at most twice the error of the formula computed in the low dtype, plus a floor. A backend
-   that declines a case says why (``declined``); with ``--cpu-smoke`` flex runs forward only (no CPU
-   backward) and, but for one case, uncompiled.
+   that declines a case says why (``declined``); with ``--cpu-smoke`` a backend that takes ``compile=``
+   (flex) runs forward only (no CPU backward) and, but for one case, uncompiled.
 2. Speed: dense, causal, causal sliding window 1024 and 8 documents at 4k/8k/16k, H=16, D=128, bf16,
    forward and forward+backward: raw ``flex_attention`` (compiled, ``BlockMask`` from
    ``create_block_mask`` on a hand-written ``mask_mod``), SDPA (flash for dense and causal, a dense
@@ -154,7 +155,11 @@ def conformance(dev: torch.device, smoke: bool, budget: float) -> list[tuple[str
     cases += [(f"causal+{name}", M.causal(), sm, D) for name, sm in score_cases(H, dev).items()]
     cases += [("window, Dv=D/2", M.causal() & M.sliding_window(64), None, D // 2)]
     rows: list[tuple[str, ...]] = []
-    print(f"conformance on {dev}: B={B} H={H} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D}, fwd+bwd, fp16 and bf16", flush=True)
+    exact = [n for n, b in qkv.backends.registered().items() if b.exact and b.available()]
+    print(
+        f"conformance on {dev}: {', '.join(exact)}; B={B} H={H} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D}, fwd+bwd, fp16 and bf16",
+        flush=True,
+    )
     for i, (name, mask, sm, Dv) in enumerate(cases):
         for dtype in dtypes:
             if elapsed() > budget:
@@ -164,9 +169,9 @@ def conformance(dev: torch.device, smoke: bool, budget: float) -> list[tuple[str
             q = torch.randn(B, H, Lq, D, generator=g).to(dev, dtype)
             k = torch.randn(B, Hkv, Lk, D, generator=g).to(dev, dtype)
             v = torch.randn(B, Hkv, Lk, Dv, generator=g).to(dev, dtype)
-            for backend in ("sdpa", "flex", "tiled"):
+            for backend in exact:
                 opts: dict[str, Any] = {}
-                if backend == "flex" and smoke and i > 1:
+                if "compile" in qkv.backends.get(backend).options and smoke and i > 1:
                     opts = {"compile": False}  # the CPU compiles for ~20 s per kernel: breadth uncompiled
                 t0 = time.perf_counter()
                 status, detail = check_one(backend, q, k, v, mask, sm, True, opts)

@@ -5,8 +5,11 @@ forward+backward (with the sinks' gradient), and which backend ``auto`` picks.
     python benchmarks/sinks.py            # L=2048, H=8, Hkv=2, D=64, fp32
     python benchmarks/sinks.py --quick    # L=512
 
-``tiled`` corrects its output by the logsumexp (no extra key); ``sdpa`` adds the sink as a key with a
-padded head dim; ``reference`` concatenates a column to its score matrix.
+The backends are read from the registry: every one that takes sinks (``takes_sinks``), is available and
+may be picked by ``auto`` (``tiled`` corrects its output by the logsumexp, no extra key; ``sdpa`` adds the
+sink as a key with a padded head dim; ``reference`` concatenates a column to its score matrix; a backend
+added with ``qkv.backends.register`` too). A backend that declines a case says why; one whose own estimate
+exceeds ``--max-estimate-s`` is left out.
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--max-estimate-s", type=float, default=2.0, help="leave out a backend estimated slower")
     args = ap.parse_args()
+    names = [n for n, b in qkv.backends.registered().items() if b.takes_sinks and b.automatic and b.available()]
     L = 512 if args.quick else args.length
     H, Hkv, D = args.heads, args.kv_heads, 64
     torch.manual_seed(0)
@@ -68,12 +73,15 @@ def main() -> None:
         ("causal", M.causal()),
         ("causal window 256", M.causal() & M.sliding_window(256)),
     ):
-        for backend in ("tiled", "sdpa", "reference"):
-            if backend == "reference" and L > 2048:
-                continue
+        for backend in names:
             for mode in ("fwd", "fwd+bwd"):
                 grad = mode != "fwd"
                 qq, kk, vv, ss = (t.clone().requires_grad_(grad) for t in (q, k, v, s))
+                e = qkv.explain(qq, kk, vv, mask=mask, sinks=ss)
+                if backend not in e.costs or e.costs[backend] > args.max_estimate_s:
+                    why = e.declined.get(backend) or f"estimated {e.costs[backend]:.1f} s"
+                    print(f"| {mname} | {backend} | {mode} | left out: {why} | | |", flush=True)
+                    continue
                 run = partial(step, qq, kk, vv, mask, backend, grad)
                 run(None), run(ss)  # warm-up
                 a, b = [], []

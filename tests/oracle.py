@@ -27,25 +27,33 @@ FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.b
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None) -> tuple[Tensor, ...]:
-    q, k, v = (t.detach().clone().requires_grad_(dout is not None) for t in (q, k, v))
-    out = fn(q, k, v)
+NAMES = ("out", "dq", "dk", "dv", "dsinks")
+"""What :func:`oracle` and :func:`errors` return, in order (``dsinks`` only for a request with sinks)."""
+
+
+def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None, sinks: Tensor | None = None) -> tuple[Tensor, ...]:
+    """``(out, [dq, dk, dv, [dsinks]])`` of ``fn(q, k, v, sinks)``: with sinks their gradient too."""
+    ins = tuple(t.detach().clone().requires_grad_(dout is not None) for t in (q, k, v) if t is not None)
+    s = None if sinks is None else sinks.detach().clone().requires_grad_(dout is not None)
+    out = fn(*ins, s)
     if dout is None:
         return (out.detach(),)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype), allow_unused=True)
-    grads = tuple(torch.zeros_like(t) if g is None else g for g, t in ((dq, q), (dk, k), (dv, v)))
-    return (out.detach(), *grads)
+    wrt = ins if s is None else (*ins, s)
+    grads = torch.autograd.grad(out, wrt, dout.to(out.dtype), allow_unused=True)
+    return (out.detach(), *(torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)))
 
 
 def oracle(q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None = None, **kw: Any) -> tuple[Tensor, ...]:
-    """``(out, [dq, dk, dv])`` from ``reference`` in float64."""
+    """``(out, [dq, dk, dv, [dsinks]])`` from ``reference`` in float64 (sinks in float64 too)."""
     kw = {key: val for key, val in kw.items() if key != "backend"}
+    sinks = kw.pop("sinks", None)
     return _run(
-        lambda a, b, c: qkv.attention(a, b, c, backend="reference", **kw),
+        lambda a, b, c, s: qkv.attention(a, b, c, backend="reference", sinks=s, **kw),
         q.double(),
         k.double(),
         v.double(),
         None if dout is None else dout.double(),
+        None if sinks is None else sinks.double(),
     )
 
 
@@ -91,30 +99,30 @@ def low_precision_reference(
     """The baseline of the rule, ``(out, [dq, dk, dv])``: :func:`low_precision_formula` for
     float16/bfloat16, ``reference`` computing in the inputs' dtype for float32/float64."""
     kw = {key: val for key, val in kw.items() if key != "backend"}
+    sinks = kw.pop("sinks", None)
     if q.dtype in HALF:
-        return _run(lambda a, b, c: low_precision_formula(a, b, c, **kw), q, k, v, dout)
+        return _run(lambda a, b, c, s: low_precision_formula(a, b, c, sinks=s, **kw), q, k, v, dout, sinks)
 
-    def fn(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        req, squeeze = _validate(
-            a, b, c, kw.get("mask"), kw.get("score_mod"), kw.get("scale"), 0.0, False, {}, kw.get("sinks")
-        )
+    def fn(a: Tensor, b: Tensor, c: Tensor, s: Tensor | None) -> Tensor:
+        req, squeeze = _validate(a, b, c, kw.get("mask"), kw.get("score_mod"), kw.get("scale"), 0.0, False, {}, s)
         out = reference_attention(req, dtype=a.dtype)[0].to(a.dtype)
         for _ in range(squeeze):
             out = out.squeeze(0)
         return out
 
-    return _run(fn, q, k, v, dout)
+    return _run(fn, q, k, v, dout, sinks)
 
 
 def errors(
     got: tuple[Tensor, ...], q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None = None, **kw: Any
 ) -> list[tuple[str, float, float, float]]:
-    """``(name, error, baseline error, largest oracle magnitude)`` of ``got = (out, [dq, dk, dv])``
-    against the float64 oracle."""
+    """``(name, error, baseline error, largest oracle magnitude)`` of ``got = (out, [dq, dk, dv,
+    [dsinks]])`` against the float64 oracle."""
     ref = oracle(q, k, v, dout, **kw)
     base = low_precision_reference(q, k, v, dout, **kw)
+    assert len(got) == len(ref), f"got {len(got)} results, the oracle {len(ref)}"
     res = []
-    for name, g, r, b in zip(("out", "dq", "dk", "dv"), got, ref, base):
+    for name, g, r, b in zip(NAMES, got, ref, base):
         assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
         err = (g.double() - r).abs().max().item() if g.numel() else 0.0
@@ -136,13 +144,16 @@ def check_backend(
     **kw: Any,
 ) -> None:
     """Assert ``qkv.attention(..., backend=backend, **kw)`` meets the tolerance rule, forward and
-    (with ``grad``) backward, against the float64 oracle. ``options`` go to the backend under test
-    only (``block_q``, ``block_k`` of ``tiled``), not to the oracle. ``relative_floor`` scales the
-    floor by the largest magnitude of each compared tensor (for inputs far from unit scale);
-    ``grad_floor_scale`` multiplies the floor of the gradients."""
+    (with ``grad``) backward, against the float64 oracle; with ``sinks=`` in ``kw`` their gradient is
+    checked too. ``options`` go to the backend under test only (``block_q``, ``block_k`` of ``tiled``),
+    not to the oracle. ``relative_floor`` scales the floor by the largest magnitude of each compared
+    tensor (for inputs far from unit scale); ``grad_floor_scale`` multiplies the floor of the gradients."""
     dout = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype) if grad else None
     opts = options or {}
-    got = _run(lambda a, b, c: qkv.attention(a, b, c, backend=backend, **kw, **opts), q, k, v, dout)
+    rest = {key: val for key, val in kw.items() if key != "sinks"}
+    got = _run(
+        lambda a, b, c, s: qkv.attention(a, b, c, backend=backend, sinks=s, **rest, **opts), q, k, v, dout, kw.get("sinks")
+    )
     for name, err, base_err, big in errors(got, q, k, v, dout, **kw):
         floor = FLOOR[q.dtype] * (max(1.0, big) if relative_floor else 1.0)
         floor *= 1.0 if name == "out" else grad_floor_scale

@@ -78,3 +78,15 @@ def problems(draw, dtypes=DTYPES, max_len: int = 12, max_window: int = 5):
     else:
         mask = (M.causal() & M.sliding_window(w)) | ~M.padding(min(w, Lk))
     return q, k, v, mask
+
+
+@st.composite
+def sink_problems(draw, dtypes=DTYPES):
+    """A drawn problem with sinks ``(H,)``: some heads may have none (``-inf``); in the dtype of q or float32."""
+    q, k, v, mask = draw(problems(dtypes, max_len=13))
+    H = q.shape[1]
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    s = torch.randn(H, generator=g) * 2
+    if draw(st.booleans()):  # a head without a sink
+        s[draw(st.integers(0, H - 1))] = float("-inf")
+    return q, k, v, s.to(draw(st.sampled_from([q.dtype, torch.float32]))), mask

@@ -1,5 +1,6 @@
-"""``import qkv`` stays light (modules, models, analysis and commands load on first use, PEP 562) and
-``qkv.nn``, ``qkv.models``, ``qkv.analysis``, ``qkv.distributed`` work after a bare ``import qkv``."""
+"""``import qkv`` stays light (modules, models, analysis and commands load on first use, PEP 562),
+``qkv.nn``, ``qkv.models``, ``qkv.analysis``, ``qkv.distributed`` work after a bare ``import qkv``, and
+``qkv.BACKENDS`` is read afresh each time."""
 
 from __future__ import annotations
 
@@ -38,3 +39,32 @@ def test_lazy_names_are_listed_and_unknown_names_raise():
     assert qkv.nn is sys.modules["qkv.nn"]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         qkv.nope  # noqa: B018
+
+
+def test_backends_is_current_when_read(tmp_path):
+    """Not a snapshot of import time: a backend registered later, and ``ring``/``ulysses`` once
+    ``torch.distributed`` is initialised (a one-process gloo group), appear; unregistered ones go."""
+    import torch.distributed as dist
+
+    from qkv import backends
+
+    assert qkv.BACKENDS == backends.available() and "BACKENDS" in dir(qkv)
+    from qkv import BACKENDS  # the from-import works too (PEP 562) and copies the tuple of the moment
+
+    assert BACKENDS == qkv.BACKENDS
+    late = type("Late", (backends.Backend,), {"name": "late"})()
+    backends.register(late)
+    try:
+        assert "late" in qkv.BACKENDS
+    finally:
+        backends.unregister("late")
+    assert "late" not in qkv.BACKENDS
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    assert "ring" not in qkv.BACKENDS and not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert {"ring", "ulysses"} <= set(qkv.BACKENDS)
+    finally:
+        dist.destroy_process_group()
+    assert "ring" not in qkv.BACKENDS

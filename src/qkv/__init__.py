@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-BACKENDS: tuple[str, ...] = _available()
-"""Names of the backends that can run on this machine (``backend=`` accepts them and ``"auto"``)."""
+BACKENDS: tuple[str, ...]  # annotated only: no global, so the module's __getattr__ answers each access
+"""Names of the backends that can run on this machine now (``backend=`` accepts them and ``"auto"``), read
+afresh at each access: after ``torch.distributed.init_process_group`` they include ``ring`` and
+``ulysses``, after ``qkv.backends.register(...)`` the new backend. ``from qkv import BACKENDS`` copies the
+tuple of that moment."""
 
 _LAZY = ("analysis", "distributed", "models", "nn")
 
@@ -44,11 +47,17 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import ``qkv.nn``, ``qkv.models``, ``qkv.analysis`` or ``qkv.distributed`` on first access."""
+    """``qkv.BACKENDS``, read afresh on every access: the names of the backends that can run on this
+    machine now (``qkv.backends.available()``), so it includes ``ring`` and ``ulysses`` once
+    ``torch.distributed`` is initialised, and a backend registered later (``qkv.backends.register``).
+    (``from qkv import BACKENDS`` copies the tuple of that moment.) And ``qkv.nn``, ``qkv.models``,
+    ``qkv.analysis`` or ``qkv.distributed``, imported on first access."""
+    if name == "BACKENDS":
+        return _available()
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)  # also binds it as an attribute of qkv
     raise AttributeError(f"module 'qkv' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, "BACKENDS"})

@@ -260,37 +260,42 @@ def _validate(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
+    dtype = q.dtype
+    if not (dtype.is_floating_point and k.dtype == dtype and v.dtype == dtype):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
         raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
+    device = q.device
+    if not (k.device == device and v.device == device):
         raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    if not (q.dim() == k.dim() == v.dim()):
-        raise ValueError(f"q, k and v must have the same number of dims (B, H, L, D), got {shapes}")
-    if not 2 <= q.dim() <= 4:
-        raise ValueError(f"q, k and v must be (B, H, L, D), (H, L, D) or (L, D), got {shapes}")
-    squeeze = 4 - q.dim()
+    dims = q.dim()
+    if not (k.dim() == dims and v.dim() == dims):
+        raise ValueError(f"q, k and v must have the same number of dims (B, H, L, D), got {_shapes(q, k, v)}")
+    if not 2 <= dims <= 4:
+        raise ValueError(f"q, k and v must be (B, H, L, D), (H, L, D) or (L, D), got {_shapes(q, k, v)}")
+    squeeze = 4 - dims
+    given = (q, k, v)  # the messages below show the shapes as given
     for _ in range(squeeze):
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"q, k and v must have the same batch size B (dim 0), got {shapes}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head dim D (last dim), got {shapes}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v must have the same length Lk (dim -2), got {shapes}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads Hkv (dim 1), got {shapes}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+    (Bq, H, _, D), (Bk, Hkv, Lk, Dk), (Bv, Hv, Lv, _) = q.shape, k.shape, v.shape
+    if not (Bq == Bk == Bv):
+        raise ValueError(f"q, k and v must have the same batch size B (dim 0), got {_shapes(*given)}")
+    if D != Dk:
+        raise ValueError(f"q and k must have the same head dim D (last dim), got {_shapes(*given)}")
+    if Lk != Lv:
+        raise ValueError(f"k and v must have the same length Lk (dim -2), got {_shapes(*given)}")
+    if Hkv != Hv:
+        raise ValueError(f"k and v must have the same number of heads Hkv (dim 1), got {_shapes(*given)}")
+    if Hkv == 0 or H % Hkv != 0:
         raise ValueError(
-            f"the query heads H={q.shape[1]} must be a multiple of the key/value heads Hkv={k.shape[1]}"
-            f" (grouped-query attention), got {shapes}"
+            f"the query heads H={H} must be a multiple of the key/value heads Hkv={Hkv}"
+            f" (grouped-query attention), got {_shapes(*given)}"
         )
-    if q.shape[-1] == 0:
-        raise ValueError(f"the head dim D must be > 0, got {shapes}")
+    if D == 0:
+        raise ValueError(f"the head dim D must be > 0, got {_shapes(*given)}")
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
@@ -307,6 +312,10 @@ def _validate(
     if sm is not None:
         sm.check(req.shape)
     return req, squeeze
+
+
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
 
 
 def _check_sinks(sinks: Any, q: Tensor) -> None:

@@ -1,5 +1,6 @@
-"""``qkv bench`` on a tiny config writes its table, raw results and plot; the memory probe sees a
-known allocation; the CLI reaches ``run_bench``."""
+"""``qkv bench`` on a tiny config writes its table, raw results and plot; its methods are the peers and the
+registered exact backends, so a backend added in one file (``tests/backends/*_backend.py``) is timed with
+no other edit; the memory probe sees a known allocation; the CLI reaches ``run_bench``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 import pytest
 import torch
 
+import backend_files
 from qkv.apps import bench
+from qkv.backends import registered
 from qkv.cli import build_parser
 
 
@@ -20,7 +23,8 @@ def test_run_bench_writes_table_json_and_png(tmp_path, capsys):
     assert "| causal | 64 | 8 | fwd |" in md and "| sliding_window(16) | 64 | 8 | fwd+bwd |" in md
     assert "(1.00x)" in md  # SDPA against itself
     rows = json.loads((out / "bench.json").read_text())
-    assert {r["method"] for r in rows} == {"tiled", "sdpa", "reference"}
+    exact = {n for n, b in registered().items() if b.exact and b.automatic and b.available()}
+    assert {r["method"] for r in rows} == (exact | {"sdpa"}) - {"flex"}  # no flex sizes with quick
     assert all(r["ms"] and r["ms"] > 0 for r in rows)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench.md" in capsys.readouterr().out
@@ -40,6 +44,21 @@ def test_run_bench_in_bfloat16(tmp_path):
     md = (out / "bench.md").read_text()
     assert "bfloat16, B=1" in md and "Matmul peak in bfloat16" in md
     assert {r["dtype"] for r in json.loads((out / "bench.json").read_text())} == {"bfloat16"}
+
+
+@pytest.mark.parametrize("backend", list(backend_files.extra().values()), ids=lambda b: b.name)
+def test_a_backend_added_in_one_file_is_timed(tmp_path, backend):
+    """Registered, it is a column of ``qkv bench`` (timed through qkv.attention, its ratio to SDPA from the
+    same run); unregistered, it is gone."""
+    with backend_files.registered(backend) as name:
+        assert name in bench.methods()
+        out = tmp_path / "b"
+        assert bench.run_bench(str(out), quick=True, sizes=(32,), masks=("causal",), repeats=1) == 0
+        rows = [r for r in json.loads((out / "bench.json").read_text()) if r["method"] == name]
+        assert [(r["mask"], r["mode"]) for r in rows] == [("causal", "fwd"), ("causal", "fwd+bwd")]
+        assert all(r["ms"] and r["ms"] > 0 for r in rows)
+        assert f"{name} ms (x SDPA)" in (out / "bench.md").read_text()
+    assert name not in bench.methods()
 
 
 def test_live_pairs_count_what_the_mask_leaves():

@@ -75,10 +75,58 @@ def test_backends_that_auto_may_not_pick_say_so():
 
 
 def test_register_rejects_what_is_not_a_backend():
+    """As its docstring says: TypeError for what is not a Backend or has a name or preference of the
+    wrong type, ValueError for an empty name or 'auto'; nothing is registered."""
+    before = dict(backends.registered())
     with pytest.raises(TypeError, match="Backend instance"):
         backends.register(object())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(TypeError, match="name must be a string, got int"):
+        backends.register(type("Numbered", (Backend,), {"name": 3})())
+    with pytest.raises(TypeError, match="preference must be an int"):
+        backends.register(type("Vague", (Backend,), {"name": "vague", "preference": 0.5})())
+    with pytest.raises(ValueError, match="non-empty name other than 'auto', got ''"):
         backends.register(type("Nameless", (Backend,), {"name": ""})())
+    with pytest.raises(ValueError, match="got 'auto'"):
+        backends.register(type("Auto", (Backend,), {"name": "auto"})())
+    assert backends.registered() == before
+    doc = backends.register.__doc__ or ""
+    assert "TypeError" in doc and "ValueError" in doc
+
+
+class _Flat(Backend):
+    """Costs the same as every other _Flat: only the tie-break rule can choose between them."""
+
+    def __init__(self, name: str, preference: int = 0) -> None:
+        self.name, self.preference = name, preference
+
+    def cost(self, req: Request) -> float:
+        return 0.0
+
+    def run(self, req: Request, plan: Any = None) -> torch.Tensor:
+        return backends.get("reference").run(req)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("order", [("tie-b", "tie-a", "tie-c"), ("tie-a", "tie-c", "tie-b"), ("tie-c", "tie-b", "tie-a")])
+def test_ties_are_broken_by_preference_then_name_never_by_registration_order(order):
+    q = torch.randn(1, 2, 8, 4)
+    try:
+        for name in order:
+            backends.register(_Flat(name))
+        e = qkv.explain(q, q, q)
+        assert e.backend == "tie-a", str(e)  # equal costs, equal preference: the name decides
+        assert "a tie with tie-b, tie-c, broken by preference, then name" in e.reason
+        backends.register(_Flat("tie-c", preference=1))  # re-registered in place: order unchanged
+        assert qkv.explain(q, q, q).backend == "tie-c"
+        backends.register(_Flat("tie-b", preference=2))
+        assert qkv.explain(q, q, q).backend == "tie-b"
+        assert policy.resolve(policy_request(q))[0].name == "tie-b"  # the call picks as explain does
+    finally:
+        for name in order:
+            backends.unregister(name)
+
+
+def policy_request(q: torch.Tensor) -> Request:
+    return Request(q, q, q, None, None, 1.0, 0.0, False)
 
 
 def test_the_policy_names_no_backend():

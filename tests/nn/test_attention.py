@@ -171,3 +171,32 @@ def test_errors_name_the_argument() -> None:
         MultiHeadAttention(8, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="add_bias_kv"):
         MultiHeadAttention.from_torch(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+
+
+def test_a_decoding_step_goes_through_qkv_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No module-level fast path: one new token with a KV cache is a call of ``qkv.attention`` with the
+    module's backend (``auto`` makes the choice, and ``set_backend`` is obeyed), equal to recomputing."""
+    import qkv.nn.base
+    from qkv.nn import GrowingKVCache
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    real = qkv.nn.base.attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> torch.Tensor:
+        calls.append((str(kw["backend"]), tuple(q.shape)))
+        return real(q, k, v, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qkv.nn.base, "attention", spy)
+    torch.manual_seed(0)
+    m = MultiHeadAttention(16, 4, num_kv_heads=2).eval()
+    x = torch.randn(1, 6, 16)
+    for backend in ("auto", "reference"):
+        m.backend = backend
+        cache = GrowingKVCache()
+        with torch.no_grad():
+            m(x[:, :5], mask=causal(), cache=cache)
+            calls.clear()
+            step = m(x[:, 5:], mask=causal(), cache=cache)
+            full = m(x, mask=causal())
+        assert calls[0] == (backend, (1, 4, 1, 4))
+        torch.testing.assert_close(step, full[:, 5:])

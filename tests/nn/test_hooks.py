@@ -293,3 +293,30 @@ def test_weights_of_a_backend_with_its_own_options_are_not_taken_from_another(mo
     with hooked(m, ("hook_weights", lambda w, name: None)):
         with pytest.raises(ValueError, match="ring.*returns no weights.*group, layout"):
             m.attend(q, k, v, group=None, layout="zigzag")
+
+
+def test_every_hooked_path_is_a_call_of_qkv_attention(monkeypatch):
+    """No second copy of the validation or of the formula: hook_scores is ``qkv.attention(...,
+    backend="reference", scores_hook=...)``, replaced weights are recomputed by the reference's own second
+    half (no second attention call), and bad inputs get qkv.attention's own errors."""
+    calls = []
+    real = qkv.nn.hooks.attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("backend"), sorted(k for k in kwargs if k.endswith("_hook"))))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qkv.nn.hooks, "attention", spy)
+    m = _mha(13)
+    m.backend = "sdpa"
+    x = torch.randn(1, L, E, dtype=D64)
+    with hooked(m, ("hook_scores", lambda s, name: None), ("hook_weights", lambda w, name: None)):
+        m(x, mask=masks.causal())
+    assert calls == [("reference", ["scores_hook", "weights_hook"])]
+    calls.clear()
+    with torch.no_grad(), hooked(m, ("hook_weights", lambda w, name: torch.ones_like(w) / L)):
+        m(x)
+    assert calls == [("sdpa", []), ("auto", [])]  # sdpa returns no weights: auto's backend does
+    q, k = torch.randn(1, H, L, E // H, dtype=D64), torch.randn(1, 3, L, E // H, dtype=D64)
+    with hooked(m, ("hook_scores", lambda s, name: None)), pytest.raises(ValueError, match="H=4 must be a multiple"):
+        m.attend(q, k, k)

@@ -1,4 +1,10 @@
-"""``qkv bench``: time and peak memory of ``tiled`` against PyTorch SDPA, FlexAttention and ``reference``.
+"""``qkv bench``: time and peak memory of qkv's exact backends against PyTorch SDPA and FlexAttention.
+
+The methods (:func:`methods`): the peers, PyTorch's own ``sdpa`` and ``flex`` called directly, then every
+backend registered and available here that is ``exact`` and that ``auto`` may pick (``tiled``,
+``reference``, and any backend added with ``qkv.backends.register``), each through
+``qkv.attention(..., backend=name)``. None is named here: a backend added in one file appears with no
+other edit. A registered backend named like a peer is the peer's column (PyTorch's function, the baseline).
 
 For dense, causal, causal sliding-window (256) and document (8 documents) masks, forward and
 forward+backward, in one dtype (``--dtype``: float32, bfloat16 or float16), ``B=1, D=64``, at sequence
@@ -14,8 +20,9 @@ in the same dtype, measured at the start of the run (:func:`matmul_peak`).
 What the peers get: SDPA is ``F.scaled_dot_product_attention`` with ``is_causal=True`` for causal
 and a boolean mask (built before timing) for the others; FlexAttention is ``torch.compile``-d
 ``flex_attention`` with a ``BlockMask`` (built before timing; compile time reported apart, and only at
-the sizes in ``flex_sizes`` because each compile takes tens of seconds on this CPU); ``reference``
-runs only where its ``L x L`` matrices fit in a budget.
+the sizes in ``flex_sizes`` because each compile takes tens of seconds on this CPU). A qkv backend runs
+where its own cost estimate (:meth:`qkv.backends.Backend.cost`) is under the time limit and it serves the
+case (otherwise the cell says why); ``reference`` only where its ``L x L`` matrices fit in a budget.
 
 Peak memory is the growth of the process's resident memory during one call: the kernel's
 high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size before the
@@ -43,16 +50,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import masks as M
-from ..attention import attention
+from ..attention import attention, explain
+from ..backends import registered
 
-__all__ = ["Result", "compare", "live_pairs", "matmul_peak", "measure", "peak_memory", "run_bench", "time_median"]
+__all__ = [
+    "PEERS",
+    "Result",
+    "compare",
+    "live_pairs",
+    "matmul_peak",
+    "measure",
+    "methods",
+    "peak_memory",
+    "run_bench",
+    "time_median",
+]
 
 MASKS = ("dense", "causal", "sliding_window(256)", "document(8)")
-METHODS = ("tiled", "sdpa", "flex", "reference")
+PEERS = ("sdpa", "flex")
+"""PyTorch's own functions, timed as they are: ``F.scaled_dot_product_attention`` (every ratio's
+baseline) and compiled ``flex_attention``."""
 MODES = ("fwd", "fwd+bwd")
 FULL_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_SIZES = (256, 1024)
 COLORS = {"tiled": "tab:blue", "sdpa": "tab:green", "flex": "tab:orange", "reference": "tab:gray"}
+_MORE_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 GFLOPS = 100.0
 """Assumed throughput (GFLOP/s) used to skip measurements that would take too long."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +94,18 @@ class Result:
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
     dtype: str = "float32"
+
+
+def methods() -> tuple[str, ...]:
+    """What ``qkv bench`` times, read from the registry now: :data:`PEERS`, then every registered backend
+    that is ``exact``, ``automatic`` and available here (in registration order) and not named like a peer."""
+    ours = [n for n, b in registered().items() if b.exact and b.automatic and b.available() and n not in PEERS]
+    return (*PEERS, *ours)
+
+
+def _color(method: str, order: Sequence[str]) -> str:
+    extra = [m for m in order if m not in COLORS]
+    return COLORS.get(method) or _MORE_COLORS[extra.index(method) % len(_MORE_COLORS)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,10 +221,11 @@ def _live_keys(kind: str, L: int) -> float:
 
 
 def _estimate_s(method: str, kind: str, L: int, H: int, mode: str) -> float:
-    no_skip = method == "reference" or (method == "sdpa" and kind not in ("causal", "dense"))
+    """A peer's seconds per call, roughly: SDPA computes every pair under a mask it cannot skip."""
+    no_skip = method == "sdpa" and kind not in ("causal", "dense")
     keys = float(L) if no_skip else _live_keys(kind, L)
     flops = 4 * L * keys * H * 64 * (3.5 if mode == "fwd+bwd" else 1.0)
-    return flops / (GFLOPS * 1e9) * (3 if method == "reference" else 1)
+    return flops / (GFLOPS * 1e9)
 
 
 def _flex_fn(kind: str, L: int, H: int) -> tuple[Callable[..., Tensor], Any] | None:
@@ -253,7 +288,7 @@ def compare(
     on all of them alike.
 
     Args:
-        method: ``tiled``, ``sdpa``, ``flex`` or ``reference``.
+        methods: names from :func:`methods` (a peer, or a registered exact backend).
         kind: a mask of :data:`MASKS`.
         L: sequence length (queries and keys).
         H: heads (``B=1, D=64``).
@@ -301,11 +336,15 @@ def _prepare(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Result, Callable[[], None] | None]:
     res = Result(kind, L, H, mode, method, dtype=str(dtype).removeprefix("torch."))
-    est = _estimate_s(method, kind, L, H, mode)
-    if est > max_call_s:
-        res.note = f"skipped: ~{est:.0f} s per call"
-        return res, None
-    if method == "reference" and 3 * H * L * L * 4 > reference_bytes:
+    peer = method in PEERS
+    if peer:
+        est = _estimate_s(method, kind, L, H, mode)
+        if est > max_call_s:
+            res.note = f"skipped: ~{est:.0f} s per call"
+            return res, None
+    elif method not in methods():
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(methods())}")
+    if method == "reference" and 3 * H * L * L * 4 > reference_bytes:  # the formula as written: L x L
         res.note = f"skipped: L x L matrices ~{3 * H * L * L * 4 / 2**30:.1f} GiB"
         return res, None
     if method == "sdpa" and kind not in ("dense", "causal") and 9 * L * L > reference_bytes:
@@ -316,15 +355,17 @@ def _prepare(
     q, k, v = (torch.randn(1, H, L, 64, generator=g).to(dtype).requires_grad_(grad) for _ in range(3))
     mask = make_mask(kind, L)
     call: Callable[[], Tensor]
-    if method == "tiled":
+    if not peer:  # a qkv backend: its own estimate decides, and its own reason when it declines
+        e = explain(q, k, v, mask=mask)
+        if method not in e.costs:
+            res.note = f"skipped: {e.declined.get(method, 'declined')}"
+            return res, None
+        if e.costs[method] > max_call_s:
+            res.note = f"skipped: ~{e.costs[method]:.0f} s per call (its estimate)"
+            return res, None
 
         def call() -> Tensor:
-            return attention(q, k, v, mask=mask, backend="tiled")
-
-    elif method == "reference":
-
-        def call() -> Tensor:
-            return attention(q, k, v, mask=mask, backend="reference")
+            return attention(q, k, v, mask=mask, backend=method)
 
     elif method == "sdpa":
         dense = None if kind in ("dense", "causal") else mask.to_dense(1, 1, L, L)  # type: ignore[union-attr]
@@ -352,9 +393,6 @@ def _prepare(
         def call() -> Tensor:
             return fn(q, k, v, block_mask=block)  # type: ignore[no-any-return]
 
-    else:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-
     def once() -> None:
         out = call()
         if grad:
@@ -379,17 +417,17 @@ def table(results: Sequence[Result]) -> str:
     cases: dict[tuple[str, int, int, str], dict[str, Result]] = {}
     for r in results:
         cases.setdefault((r.mask, r.L, r.H, r.mode), {})[r.method] = r
-    methods = [m for m in METHODS if any(r.method == m for r in results)]
+    shown = list(dict.fromkeys(r.method for r in results))
     head = (
         "| mask | L | H | pass | "
-        + " | ".join(f"{m} ms (x SDPA) | {m} MB | {m} GFLOP/s (peak)" for m in methods)
+        + " | ".join(f"{m} ms (x SDPA) | {m} MB | {m} GFLOP/s (peak)" for m in shown)
         + " |"
     )
-    lines = [head, "|" + "---|" * (4 + 3 * len(methods))]
+    lines = [head, "|" + "---|" * (4 + 3 * len(shown))]
     for (mask, L, H, mode), row in cases.items():
         base = row.get("sdpa")
         cells = []
-        for m in methods:
+        for m in shown:
             got = row.get(m)
             if got is None or got.ms is None:
                 cells += [got.note if got is not None and got.note else "-", "-", "-"]
@@ -418,8 +456,9 @@ def plot(results: Sequence[Result], path: Path) -> None:
 
     masks = [m for m in MASKS if any(r.mask == m for r in results)]
     fig, axes = plt.subplots(2, max(1, len(masks)), figsize=(4.2 * max(1, len(masks)), 7), squeeze=False)
+    shown = list(dict.fromkeys(r.method for r in results))
     for j, mk in enumerate(masks):
-        for method in METHODS:
+        for method in shown:
             for mode, style in zip(MODES, ("-", "--")):
                 rs = sorted(
                     (r for r in results if r.mask == mk and r.method == method and r.mode == mode and r.ms),
@@ -428,7 +467,7 @@ def plot(results: Sequence[Result], path: Path) -> None:
                 if not rs:
                     continue
                 label = f"{method} {mode}"
-                color = COLORS[method]
+                color = _color(method, shown)
                 axes[0, j].plot([r.L for r in rs], [r.ms for r in rs], style, color=color, marker="o", label=label)
                 mem = [(r.L, r.mb) for r in rs if r.mb is not None]
                 if mem:
@@ -501,14 +540,14 @@ def run_bench(
         for L in sizes:
             H = 8 if L <= 8192 else 1
             for mode in MODES:
-                methods = [m for m in METHODS if m != "flex" or (L in flex_at and kind != "dense" and mode == "fwd")]
-                jobs.append((kind, L, H, mode, methods))
+                which = [m for m in methods() if m != "flex" or (L in flex_at and kind != "dense" and mode == "fwd")]
+                jobs.append((kind, L, H, mode, which))
     results: list[Result] = []
     flex_cache: dict[Any, Any] = {}
     torch.manual_seed(0)
-    for kind, L, H, mode, methods in tqdm(jobs, desc="qkv bench", unit="case"):
+    for kind, L, H, mode, which in tqdm(jobs, desc="qkv bench", unit="case"):
         got = compare(
-            methods, kind, L, H, mode, repeats=reps, max_call_s=max_call, flex_cache=flex_cache, dtype=dt, peak=peak
+            which, kind, L, H, mode, repeats=reps, max_call_s=max_call, flex_cache=flex_cache, dtype=dt, peak=peak
         )
         results += got
     folder = Path(out)

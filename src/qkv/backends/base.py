@@ -46,7 +46,9 @@ class Request:
 
     ``q (B, H, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``; ``H % Hkv == 0``. ``sinks``:
     ``None`` or ``(H,)``, one logit per query head that joins the softmax denominator (served only by
-    backends with :attr:`Backend.takes_sinks`).
+    backends with :attr:`Backend.takes_sinks`). The sizes (``B``, ``H``, ``Hkv``, ``Lq``, ``Lk``, ``D``,
+    ``Dv``), ``shape`` and ``flops`` are read from the tensors once, when the request is made (every
+    backend asked by ``auto`` reads them).
     """
 
     q: Tensor
@@ -59,39 +61,32 @@ class Request:
     return_weights: bool
     options: dict[str, Any] = field(default_factory=dict)
     sinks: Tensor | None = None
+    B: int = field(init=False, repr=False, compare=False)
+    H: int = field(init=False, repr=False, compare=False)
+    Hkv: int = field(init=False, repr=False, compare=False)
+    """Key/value heads."""
+    Lq: int = field(init=False, repr=False, compare=False)
+    Lk: int = field(init=False, repr=False, compare=False)
+    D: int = field(init=False, repr=False, compare=False)
+    Dv: int = field(init=False, repr=False, compare=False)
+    shape: Shape = field(init=False, repr=False, compare=False)
+    """The problem as a mask sees it: ``Shape(B, H, Lq, Lk, device)``."""
+    flops: float = field(init=False, repr=False, compare=False)
+    """Forward floating-point operations if every pair met: ``2 B H Lq Lk (D + Dv)``."""
 
-    @property
-    def B(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def H(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def Hkv(self) -> int:
-        return self.k.shape[1]
+    def __post_init__(self) -> None:
+        B, H, Lq, D = self.q.shape
+        Hkv, Lk, Dv = self.k.shape[1], self.k.shape[2], self.v.shape[3]
+        put = object.__setattr__  # frozen: set once, here
+        for name, val in (("B", B), ("H", H), ("Hkv", Hkv), ("Lq", Lq), ("Lk", Lk), ("D", D), ("Dv", Dv)):
+            put(self, name, val)
+        put(self, "shape", Shape(B, H, Lq, Lk, self.q.device))
+        put(self, "flops", 2.0 * B * H * Lq * Lk * (D + Dv))
 
     @property
     def groups(self) -> int:
         """Query heads per key/value head (1 for multi-head, ``H`` for multi-query attention)."""
         return self.H // self.Hkv
-
-    @property
-    def Lq(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def Lk(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def D(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def Dv(self) -> int:
-        return self.v.shape[3]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,15 +95,6 @@ class Request:
     @property
     def device(self) -> torch.device:
         return self.q.device
-
-    @property
-    def shape(self) -> Shape:
-        return Shape(self.B, self.H, self.Lq, self.Lk, self.q.device)
-
-    @property
-    def flops(self) -> float:
-        """Forward floating-point operations if every pair met: ``2 B H Lq Lk (D + Dv)``."""
-        return 2.0 * self.B * self.H * self.Lq * self.Lk * (self.D + self.Dv)
 
     @property
     def requires_grad(self) -> bool:
@@ -124,9 +110,21 @@ class Backend:
     ``automatic`` backend whether it ``supports`` the request and what it would ``cost``, and runs the
     cheapest with the ``plan`` it made. :func:`qkv.explain` prints every candidate's cost or reason.
 
-    Subclasses set :attr:`name` (and :attr:`options`, :attr:`automatic`) and implement
-    :meth:`supports`, :meth:`cost` and :meth:`run`; :meth:`plan` when they decide something before
-    computing that is worth caching (cache it in :data:`qkv.backends.plan.PLANS`).
+    Subclasses set :attr:`name` (and :attr:`options`, the flags below) and implement :meth:`supports`,
+    :meth:`cost` and :meth:`run`; :meth:`plan` when they decide something before computing that is worth
+    caching (cache it in :data:`qkv.backends.plan.PLANS`).
+
+    **Flags** say what a backend is without a request, and everything that needs to know reads them
+    from the registry (:func:`qkv.backends.registered`), never from a list of names: the policy
+    (``automatic``, ``takes_sinks``, :meth:`available`, :meth:`traceable`), the hook points of
+    :mod:`qkv.nn` (``exact``: only an exact backend has scores to hook), ``qkv bench`` and the
+    benchmarks (every exact backend is timed), and the conformance suite
+    (``tests/backends/test_conformance.py``: every available exact backend is held to the float64 oracle
+    on every request it :meth:`supports`, with sinks if it ``takes_sinks``).
+
+    **Ties.** ``auto`` runs the backend with the lowest :meth:`cost`; between equal estimates the
+    higher :attr:`preference` wins, then the name in alphabetical order. The order in which backends
+    were registered (or imported) never decides.
     """
 
     name: str = "backend"
@@ -141,6 +139,11 @@ class Backend:
     #: whether :meth:`run` honours ``req.sinks``; a backend that does not is never handed a request
     #: with sinks (the policy declines it with a reason, see :func:`unsupported`)
     takes_sinks: bool = False
+    #: what breaks a tie between equal cost estimates under ``auto``: the higher preference wins, then
+    #: the name in alphabetical order (never the order of registration). ``0`` for every built-in
+    #: backend; raise it for a backend that should win ties (say, one that wraps the same kernel as
+    #: another with less Python around it), lower it for one that should lose them.
+    preference: int = 0
 
     def available(self) -> bool:
         """Whether this backend can run on this machine at all (installed packages, devices)."""

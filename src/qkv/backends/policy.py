@@ -4,8 +4,11 @@ Every registered backend that is available here, may be picked automatically (``
 and takes the request's options is asked :meth:`~qkv.backends.Backend.supports` (and
 :meth:`~qkv.backends.Backend.auto_blocker`, whether ``auto`` may pick it unasked); those that can serve
 the request are asked their :meth:`~qkv.backends.Backend.cost` (estimated seconds, from measured
-constants), and the cheapest runs with the plan it made. :class:`Choice` keeps every candidate's cost
-and every other backend's reason, which :func:`qkv.explain` prints.
+constants), and the cheapest runs with the plan it made. Equal estimates go to the backend with the
+higher :attr:`~qkv.backends.Backend.preference`, then to the name that sorts first (:func:`rank`): the
+order of registration never decides. :class:`Choice` keeps every candidate's cost and every other
+backend's reason, which :func:`qkv.explain` prints; a call of ``qkv.attention`` makes the same choice
+without writing those reasons (:func:`resolve`).
 
 Inside ``torch.compile`` (or ``torch.export``; :func:`~qkv.backends.base.tracing`) the choice is Python
 that runs once while the graph is traced and is cached with it under ``torch.compile``'s guards (mask
@@ -29,7 +32,7 @@ from .base import Backend, Request, tracing, unsupported
 from .plan import PLANS
 from .registry import get, registered
 
-__all__ = ["Choice", "candidates", "choose", "resolve"]
+__all__ = ["Choice", "candidates", "choose", "rank", "resolve"]
 
 
 @dataclass
@@ -56,11 +59,18 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
+def rank(backend: Backend, cost: float) -> tuple[float, int, str]:
+    """The key ``auto`` minimises: the estimated seconds, then the higher
+    :attr:`~qkv.backends.Backend.preference`, then the name. Registration order plays no part."""
+    return (cost, -backend.preference, backend.name)
+
+
 def candidates(req: Request) -> tuple[dict[str, Backend], dict[str, str]]:
     """The backends that may serve ``req`` under ``auto``, and the reasons of all others."""
     ok: dict[str, Backend] = {}
     declined: dict[str, str] = {}
     traced = tracing()
+    opts = set(req.options)
     for name, b in registered().items():
         if not b.available():
             declined[name] = "not available on this machine"
@@ -68,7 +78,7 @@ def candidates(req: Request) -> tuple[dict[str, Backend], dict[str, str]]:
         if not b.automatic:
             declined[name] = "only when asked for by name (backend=...)"
             continue
-        unknown = set(req.options) - b.options
+        unknown = opts - b.options if opts else opts
         if unknown:
             declined[name] = f"does not take the option(s) {', '.join(sorted(unknown))}"
             continue
@@ -85,30 +95,55 @@ def candidates(req: Request) -> tuple[dict[str, Backend], dict[str, str]]:
     return ok, declined
 
 
+def _pick(req: Request) -> tuple[str | None, dict[str, Backend], dict[str, float], dict[str, str]]:
+    """The name ``auto`` picks for ``req`` (``None``: none can serve it), the candidates, their costs and
+    the other backends' reasons; no words are written (a call of ``qkv.attention`` needs none)."""
+    ok, declined = candidates(req)
+    if not ok:
+        return None, ok, {}, declined
+    costs = {name: b.cost(req) for name, b in ok.items()}
+    best, best_rank = None, None
+    for name, c in costs.items():  # a plain loop: torch.compile traces it (min(key=...) over a dict it does not)
+        r = rank(ok[name], c)
+        if best_rank is None or r < best_rank:
+            best, best_rank = name, r
+    return best, ok, costs, declined
+
+
+def _none_serves(declined: dict[str, str]) -> Choice:
+    """Traced: run ``auto`` outside the graph. Eager: ``NotImplementedError`` with every reason."""
+    if tracing():
+        reasons = "; ".join(f"{n}: {w}" for n, w in declined.items() if registered()[n].automatic)
+        why = f"{TRACED}, no backend traces this request into the graph ({reasons}); auto chooses at run time,"
+        return Choice("auto", None, why + " outside the graph (a graph break per call)", {}, declined, True)
+    raise _no_backend(declined)
+
+
+def _no_backend(declined: dict[str, str]) -> NotImplementedError:
+    reasons = "; ".join(f"{n}: {w}" for n, w in declined.items())
+    return NotImplementedError(f"no backend can serve this request ({reasons})")
+
+
 def choose(req: Request) -> Choice:
-    """The backend ``auto`` runs for ``req``. Raises ``NotImplementedError`` (with every backend's
-    reason) when none can serve it."""
+    """The backend ``auto`` runs for ``req``, with every candidate's cost and every other backend's
+    reason in words. Raises ``NotImplementedError`` (with every backend's reason) when none can serve it."""
     with PLANS.scope():  # the mask's key is computed once, however many backends cost it
         return _choose(req)
 
 
 def _choose(req: Request) -> Choice:
-    ok, declined = candidates(req)
-    if not ok and tracing():
-        reasons = "; ".join(f"{n}: {w}" for n, w in declined.items() if registered()[n].automatic)
-        why = f"{TRACED}, no backend traces this request into the graph ({reasons}); auto chooses at run time,"
-        return Choice("auto", None, why + " outside the graph (a graph break per call)", {}, declined, True)
-    if not ok:
-        reasons = "; ".join(f"{n}: {w}" for n, w in declined.items())
-        raise NotImplementedError(f"no backend can serve this request ({reasons})")
-    costs = {name: b.cost(req) for name, b in ok.items()}
-    name = min(costs, key=lambda n: costs[n])
+    name, ok, costs, declined = _pick(req)
+    if name is None:
+        return _none_serves(declined)
     best = ok[name]
     others = sorted((c, n) for n, c in costs.items() if n != name)
     reason = best.describe(req) or name
     reason += f"; estimated {_ms(costs[name])}" if math.isfinite(costs[name]) else ""
     if others:
         reason += ", against " + ", ".join(f"{n} {_ms(c)}" for c, n in others)
+    tied = [n for c, n in others if c == costs[name]]
+    if tied:
+        reason += f" (a tie with {', '.join(tied)}, broken by preference, then name)"
     skipped = [
         f"{n} declined ({w})" for n, w in declined.items() if registered()[n].automatic and registered()[n].available()
     ]
@@ -138,15 +173,18 @@ def _resolve(req: Request, backend: str) -> tuple[Backend, Any]:
     if tracing():
         return _resolve_traced(req, backend)
     if backend == "auto":
-        known = set().union(*(b.options for b in registered().values()))
+        known = set().union(*(b.options for b in registered().values())) if req.options else set()
         unknown = set(req.options) - known
         if unknown:
             raise TypeError(
                 f"qkv.attention does not take the option(s) {', '.join(sorted(unknown))}: no registered backend"
                 " understands them"
             )
-        c = choose(req)
-        return get(c.backend), c.plan
+        name, ok, _, declined = _pick(req)
+        if name is None:
+            raise _no_backend(declined)
+        impl = ok[name]
+        return impl, impl.plan(req)
     impl = get(backend)
     if not impl.available():
         names = ", ".join(n for n, b in registered().items() if b.available())

@@ -10,13 +10,24 @@ _REGISTRY: dict[str, Backend] = {}
 
 
 def register(backend: Backend) -> Backend:
-    """Add ``backend`` under ``backend.name`` (a later registration replaces an earlier one).
+    """Add ``backend`` under ``backend.name`` (a later registration replaces an earlier one) and return it.
 
-    Raises ``TypeError`` unless it is a :class:`qkv.backends.Backend` with a non-empty string name."""
+    The order of registration decides nothing: ``auto`` breaks cost ties by :attr:`Backend.preference`
+    and then by name.
+
+    Raises:
+        TypeError: ``backend`` is not a :class:`qkv.backends.Backend` instance, its ``name`` is not a
+            string, or its ``preference`` is not an int.
+        ValueError: its ``name`` is empty or ``"auto"`` (the name of the policy).
+    """
     if not isinstance(backend, Backend):
         raise TypeError(f"register: expected a qkv.backends.Backend instance, got {type(backend).__name__}")
-    if not isinstance(backend.name, str) or not backend.name or backend.name == "auto":
+    if not isinstance(backend.name, str):
+        raise TypeError(f"register: a backend's name must be a string, got {type(backend.name).__name__}")
+    if not backend.name or backend.name == "auto":
         raise ValueError(f"register: a backend needs a non-empty name other than 'auto', got {backend.name!r}")
+    if isinstance(backend.preference, bool) or not isinstance(backend.preference, int):
+        raise TypeError(f"register: {backend.name}.preference must be an int, got {backend.preference!r}")
     _REGISTRY[backend.name] = backend
     return backend
 
@@ -34,10 +45,12 @@ def get(name: str) -> Backend:
 
 
 def registered() -> dict[str, Backend]:
-    """All registered backends, available here or not, in registration order."""
+    """All registered backends by name, available here or not (in registration order, which decides
+    nothing: read their flags)."""
     return dict(_REGISTRY)
 
 
 def available() -> tuple[str, ...]:
-    """Names of the backends that can run on this machine."""
+    """Names of the backends that can run on this machine now (asked each call: ``ring`` and ``ulysses``
+    become available once ``torch.distributed`` is initialised)."""
     return tuple(n for n, b in _REGISTRY.items() if b.available())

@@ -210,7 +210,8 @@ class SDPA(Backend):
         if upcasts(req):
             q, k, v = q.float(), k.float(), v.float()
         run = self._run if req.sinks is None else self._run_sinks
-        return run(req, q, k, v).to(req.dtype)
+        out = run(req, q, k, v)
+        return out if out.dtype == req.dtype else out.to(req.dtype)
 
     def _run(self, req: Request, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         shape = req.shape

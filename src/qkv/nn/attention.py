@@ -6,10 +6,8 @@ from __future__ import annotations
 from typing import NamedTuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends.sdpa import HAS_GQA
 from ..masks import Mask, MaskLike, as_mask, from_dense
 from ..scores import ScoreMod, ScoreModFn, as_score_mod, bias
 from .base import AttentionModule
@@ -211,22 +209,8 @@ class MultiHeadAttention(AttentionModule):
             if positions is not None and (m is not None or sm is not None):
                 m, sm = at_positions(m, sm, B, H, L, positions, seen + L)
             mask, score_mod = m, sm
-            if L == 1 and m is None and sm is None and self._decode_fast_ok():
-                # one new token that sees every cached key: auto would pick SDPA; call it directly and
-                # skip the per-call validation, which costs as much as the attention itself here
-                out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != self.num_kv_heads)
-                return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
         out = self.attend(q, k, v, mask=mask, score_mod=score_mod, dropout_p=self._p())
         return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
-
-    def _decode_fast_ok(self) -> bool:
-        return (
-            not self.has_hooks
-            and self.backend in ("auto", "sdpa")
-            and not self.training
-            and HAS_GQA
-            and not torch.is_grad_enabled()
-        )
 
     def _p(self) -> float:
         return self.dropout if self.training else 0.0

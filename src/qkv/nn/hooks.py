@@ -29,13 +29,19 @@ What a hook costs and changes:
 - ``hook_weights``: the module asks its backend for the weights too (``return_weights=True``; a backend
   that cannot, such as ``sdpa``, is replaced by ``auto`` for the call, unless the module passes it
   options of its own, as the sequence-parallel ``ring``/``ulysses`` layers do: then ``ValueError``). If
-  the hook replaced the weights (or changed them in place), the output is recomputed from them:
-  ``dropout(weights) @ v``, grouped-query heads sharing their value head, dropout (training only) applied
-  to the new weights.
-- ``hook_scores``: the module computes attention by the reference formula (float32, float64 for float64
-  inputs) whatever its backend: scores, hook, softmax (a row of ``-inf`` gives zeros), ``hook_weights``,
-  dropout, ``@ v``. A module on an approximate backend (``linear``, ``performer``, ``nystrom``) has no
-  softmax scores and refuses the hook with a ``ValueError``.
+  the hook replaced the weights (or changed them in place), the output is recomputed from them by the
+  second half of the reference formula (``qkv.backends.reference.weights_times_values``, the code the
+  ``reference`` backend runs after its softmax): ``dropout(weights) @ v``, grouped-query heads sharing their
+  value head, dropout (training only) applied to the new weights.
+- ``hook_scores``: the module computes attention by the formula as written whatever its backend:
+  ``qkv.attention(..., backend="reference", scores_hook=..., weights_hook=...)`` (float32, float64 for
+  float64 inputs): scores, hook, softmax (a row of ``-inf`` gives zeros), ``hook_weights``, dropout,
+  ``@ v``. A module on a backend that is not ``exact`` (an approximation: ``linear``, ``performer``,
+  ``nystrom``) has no softmax scores and refuses the hook with a ``ValueError``.
+
+Every path is a call of :func:`qkv.attention`, so the inputs are validated once, there; the formula has one
+copy, the ``reference`` backend's (its ``scores_hook``/``weights_hook`` options are the seams, and
+replaced weights go through its ``weights_times_values``).
 
 Gradients flow through every hook point (``capture_weights`` and ``qkv.analysis.capture`` detach
 their copies). A hook may return the value's ``detach().requires_grad_()`` leaf to read gradients with
@@ -51,22 +57,15 @@ respect to the weights or a head's output.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Union
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import attention
-from ..backends.base import Request
-from ..backends.kernels import safe_softmax
-from ..backends.reference import scores as reference_scores
+from ..backends.reference import weights_times_values
 from ..backends.registry import get as get_backend
-from ..masks import as_mask
-from ..scores import as_score_mod
 
 __all__ = ["HOOK_POINTS", "HookFn", "HookPoint", "hook_points", "hooked"]
 
@@ -76,7 +75,11 @@ HOOK_POINTS = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_weights", "hoo
 HookFn = Callable[[Tensor, str], Union[Tensor, None]]
 """``fn(value, name) -> Tensor | None`` as :func:`hooked` takes it: return a tensor to replace the value."""
 
-_COMMON = ("mask", "score_mod", "scale", "dropout_p")
+_COMMON = ("mask", "score_mod", "scale", "dropout_p", "sinks")
+"""The arguments of ``qkv.attention`` that mean the same to every backend (the rest are a backend's options)."""
+
+_FORMULA = "reference"
+"""The backend that computes the formula as written, with the ``scores_hook``/``weights_hook`` seams."""
 
 
 class HookPoint(nn.Module):
@@ -115,20 +118,6 @@ def _run(hp: HookPoint, name: str, x: Tensor) -> tuple[Tensor, bool]:
     return y, y is not x or y._version != version
 
 
-def weights_times_values(w: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """``dropout(w) @ v`` for weights ``w (B, H, Lq, Lk)`` and values ``v (B, Hkv, Lk, Dv)``, query head
-    ``h`` reading value head ``h // (H // Hkv)``; computed in float32 (float64 for float64), returned in
-    ``v``'s dtype: ``(B, H, Lq, Dv)``."""
-    B, H, Lq, Lk = w.shape
-    Hkv, Dv = v.shape[1], v.shape[3]
-    dt = torch.float64 if v.dtype == torch.float64 else torch.float32
-    wd = w.to(dt)
-    if dropout_p > 0:
-        wd = F.dropout(wd, dropout_p)
-    out = wd.reshape(B, Hkv, H // Hkv, Lq, Lk) @ v.to(dt).unsqueeze(2)
-    return out.reshape(B, H, Lq, Dv).to(v.dtype)
-
-
 def hooked_attention(
     points: dict[str, HookPoint], backend: str, q: Tensor, k: Tensor, v: Tensor, kwargs: dict[str, Any]
 ) -> Tensor:
@@ -141,9 +130,8 @@ def hooked_attention(
         k = _run(hk, "hook_k", k)[0]
     if hv.active:
         v = _run(hv, "hook_v", v)[0]
-    p = float(kwargs.get("dropout_p", 0.0))
     if hs.active:
-        out = _by_formula(hs, hw, backend, q, k, v, kwargs, p)
+        out = _by_formula(hs, hw, backend, q, k, v, kwargs)
     elif hw.active:
         try:  # the module's own backend when it returns weights (reference, tiled, linear, ...)
             out, w = attention(q, k, v, backend=backend, return_weights=True, **kwargs)
@@ -154,11 +142,10 @@ def hooked_attention(
                     f"hook_weights: backend {backend!r} returns no weights ({e}), and its option(s)"
                     f" {', '.join(extra)} mean nothing to another backend"
                 ) from e
-            common = {key: kwargs[key] for key in _COMMON if key in kwargs}
-            out, w = attention(q, k, v, backend="auto", return_weights=True, **common)
+            out, w = attention(q, k, v, backend="auto", return_weights=True, **_common(kwargs))
         w, changed = _run(hw, "hook_weights", w)
-        if changed:
-            out = weights_times_values(w, v, p).to(out.dtype)
+        if changed:  # the output from the new weights: the second half of the formula, reference's own
+            out = weights_times_values(w, v, float(kwargs.get("dropout_p", 0.0))).to(out.dtype)
     else:
         out = attention(q, k, v, backend=backend, **kwargs)
     if hh.active:
@@ -166,34 +153,23 @@ def hooked_attention(
     return out
 
 
+def _common(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: kwargs[key] for key in _COMMON if key in kwargs}
+
+
 def _by_formula(
-    hs: HookPoint,
-    hw: HookPoint,
-    backend: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kwargs: dict[str, Any],
-    p: float,
+    hs: HookPoint, hw: HookPoint, backend: str, q: Tensor, k: Tensor, v: Tensor, kwargs: dict[str, Any]
 ) -> Tensor:
+    """Attention by the formula, through ``hook_scores`` (and ``hook_weights`` when hooked)."""
     if backend != "auto" and not get_backend(backend).exact:
         raise ValueError(f"hook_scores: backend {backend!r} approximates attention and computes no softmax scores")
     extra = sorted(set(kwargs) - set(_COMMON))
     if extra:
-        raise ValueError(f"hook_scores: the reference formula takes no backend options, got {', '.join(extra)}")
-    # the checks qkv.attention makes of a mask and a score mod, then the reference backend's score formula
-    scale = kwargs.get("scale")
-    m, sm = as_mask(kwargs.get("mask")), as_score_mod(kwargs.get("score_mod"))
-    req = Request(q, k, v, m, sm, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), p, True)
-    if m is not None:
-        m.check(req.shape)
-    if sm is not None:
-        sm.check(req.shape)
-    s = _run(hs, "hook_scores", reference_scores(req))[0]
-    w = safe_softmax(s)
+        raise ValueError(f"hook_scores: the formula takes no backend options, got {', '.join(extra)}")
+    hooks: dict[str, Any] = {"scores_hook": lambda s: _run(hs, "hook_scores", s)[0]}
     if hw.active:
-        w = _run(hw, "hook_weights", w)[0]
-    return weights_times_values(w, v, p)
+        hooks["weights_hook"] = lambda w: _run(hw, "hook_weights", w)[0]
+    return attention(q, k, v, backend=_FORMULA, **hooks, **kwargs)
 
 
 def hook_points(model: nn.Module) -> dict[str, HookPoint]:
