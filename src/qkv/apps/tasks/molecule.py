@@ -11,8 +11,8 @@ The atoms those patterns match are the ground truth for *where* the model should
 Molecules come from a seeded grammar (:func:`generate`): two or three benzene "arms" joined by a linker (a
 bond, an amide, an ether, a sulfonamide, a piperazine, a triazine, ...), each arm carrying two groups on a
 pair of para positions, taken from a list of common substituents, plus the amine, nitro and acid groups.
-RDKit joins the pieces (``molzip``) and sanitises every molecule. Half of the molecules are positive; most
-negatives carry the amine and the acceptor on two *different* arms, each para to another group, so that
+RDKit joins the pieces (``molzip``) and sanitises every molecule. Half of the molecules are positive; 70% of
+the negatives carry the amine and the acceptor on two *different* arms, each para to another group, so that
 every radius-2 environment of a positive occurs in negatives too: only the relation (both on one ring,
 para) tells the classes apart, and it spans 7 bonds, wider than a radius-2 Morgan fingerprint (ECFP4) sees.
 The other negatives have the two groups ortho or meta on one ring, or only one of them.
@@ -30,11 +30,12 @@ Baselines without attention: (a) a Morgan fingerprint (radius 2, 2048 bits: ECFP
 each layer averages the atom's bonded neighbours (and itself) uniformly, a graph convolution, and the readout
 is the mean over atoms.
 
-Grounding, on the positive held-out molecules: the share of the readout's attention (mean over its heads)
-that lands on the matched atoms, against chance (the matched atoms' share of the molecule's atoms); the
-fraction of molecules whose most-attended atom is a matched one; and the same share for attention rollout
-(Abnar & Zuidema 2020) through the self-attention layers. Picture: held-out molecules drawn by RDKit with
-their atoms shaded by the readout's attention.
+Grounding, on the positive held-out molecules: the share of attention rollout (Abnar & Zuidema 2020: the
+readout's weights, mean over its heads, carried back through the self-attention layers) that lands on the
+matched atoms, against chance (the matched atoms' share of the molecule's atoms); the fraction of molecules
+whose most-attended atom is a matched one (its chance is the same); and both for the readout's own weights.
+Picture: held-out molecules drawn by RDKit (a positive with a nitro group, one with an acid, a decoy) with
+their atoms shaded by the rollout and the matched bonds drawn in blue.
 """
 
 from __future__ import annotations
@@ -419,6 +420,12 @@ class MoleculeTransformer(nn.Module):
                 f"MoleculeTransformer: pair must be (B, L, L) and valid (B, L) for atoms {tuple(atoms.shape)},"
                 f" got {tuple(pair.shape)} and {tuple(valid.shape)}"
             )
+        top = torch.tensor([n for _, n in ATOM_FEATURES])
+        if bool((atoms < 0).any() or (atoms >= top).any() or (pair < 0).any() or (pair >= N_DIST).any()):
+            raise ValueError(
+                f"MoleculeTransformer: atoms hold feature codes below {top.tolist()} and pair indices in [0, {N_DIST});"
+                " build them with featurize()"
+            )
         h = sum(e(atoms[..., i]) for i, e in enumerate(self.embed))
         assert isinstance(h, Tensor)
         keys = valid[:, None, None, :]  # (B, 1, 1, L)
@@ -429,7 +436,7 @@ class MoleculeTransformer(nn.Module):
             h = self.norm(h)
             pooled = self.readout(self.query.expand(B, 1, -1), h, mask=keys)[:, 0]
         else:
-            bonds = (pair >= 0) & (pair <= 4) & valid[:, :, None] & valid[:, None, :]
+            bonds = (pair <= 4) & valid[:, :, None] & valid[:, None, :]  # self (0) and bonded (1-4)
             for blk in self.blocks:
                 h = blk(h, mask=bonds[:, None])
             h = self.norm(h)
@@ -593,6 +600,28 @@ def _accuracy(model: MoleculeTransformer, data: MolData) -> float:
     return float(((logits > 0).float() == data.y).float().mean())
 
 
+def _picture(model: MoleculeTransformer, te: MolData, pos: MolData, roll: Tensor, path: str) -> None:
+    """Held-out molecules shaded by attention rollout: a positive with a nitro group, one with an acid, and a decoy
+    (the amine and the acceptor on different rings)."""
+    nitro = [i for i, s in enumerate(pos.smiles) if "[N+](=O)[O-]" in s]
+    acid = [i for i, s in enumerate(pos.smiles) if "[N+](=O)[O-]" not in s]
+    smiles, attn, legends = [], [], []
+    for i in (nitro[:1] + acid[:1]) or [0]:
+        smiles.append(pos.smiles[i])
+        attn.append(roll[i])
+        chance = float(pos.target[i].sum() / pos.valid[i].sum())
+        legends.append(f"rollout on the substructure {float((roll[i] * pos.target[i]).sum()):.0%} (chance {chance:.0%})")
+    decoys = [i for i, k in enumerate(te.kinds) if k == "apart" and te.y[i] == 0]
+    if decoys:
+        dec = te.subset(torch.tensor(decoys[:1]))
+        with torch.no_grad():
+            p = float(torch.sigmoid(model(dec.atoms, dec.pair, dec.valid))[0])
+        smiles.append(dec.smiles[0])
+        attn.append(readout_attention(model, dec)[1][0])
+        legends.append(f"decoy, groups on two rings: p(positive) {p:.2f}")
+    draw_attention(smiles, attn, path, legends)
+
+
 def train(
     out: str | None = None,
     quick: bool = False,
@@ -628,14 +657,8 @@ def train(
     g_read = grounding(read, pos.target, pos.valid)
     files: list[str] = []
     if out is not None:
-        k = min(3, len(pos))
-        legends = [
-            f"rollout on the substructure {float((roll[i] * pos.target[i]).sum()):.0%}"
-            f" (chance {float(pos.target[i].sum() / pos.valid[i].sum()):.0%})"
-            for i in range(k)
-        ]
         path = os.path.join(out, "molecule_attention.png")
-        draw_attention(pos.smiles[:k], [roll[i] for i in range(k)], path, legends)
+        _picture(model, te, pos, roll, path)
         files.append(path)
     by_kind = []
     for kind, _ in KINDS:
