@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 EXTRAS: dict[str, tuple[str, str]] = {
     "num2words": ("num2words", "demo"),
     "sklearn": ("scikit-learn", "demo"),
+    "rdkit": ("rdkit", "chem"),
 }
 """Top-level module of an optional dependency -> (its PyPI name, the extra of ``pyproject.toml`` that
 installs it)."""

@@ -10,7 +10,9 @@ its metric beside a baseline.
 - ``speech``: spoken digit strings synthesised by ``espeak-ng``, recognised by an attention encoder-decoder
   (:mod:`qkv.apps.tasks.speech`);
 - ``caption``: scenes of handwritten digits captioned by a patch encoder and a word decoder with
-  cross-attention (:mod:`qkv.apps.tasks.caption`).
+  cross-attention (:mod:`qkv.apps.tasks.caption`);
+- ``molecule``: attention over the atoms of generated molecules, a label defined by SMARTS substructures, and
+  how much attention lands on them (:mod:`qkv.apps.tasks.molecule`; needs RDKit, the ``chem`` extra).
 
 A task module may define ``missing() -> str | None``: what it needs and is not installed (then
 ``qkv train`` prints it and exits with status 2).
@@ -27,7 +29,7 @@ from .common import TaskResult
 
 __all__ = ["TASKS", "TaskResult", "run_task", "train_task"]
 
-TASKS = ("lm", "vit", "forecast", "recsys", "speech", "caption")
+TASKS = ("lm", "vit", "forecast", "recsys", "speech", "caption", "molecule")
 
 
 def train_task(
