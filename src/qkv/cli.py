@@ -82,9 +82,9 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train a small attention model on one task (lm, vit, forecast, recsys, speech, caption, molecule)"
+        "train", help="train a small attention model on one task (a module of qkv.apps.tasks; an unknown name lists them)"
     )
-    p.add_argument("task", help="which task")
+    p.add_argument("task", help="which task (e.g. lm, vit, molecule; an unknown name lists every task)")
     p.add_argument("--out", default=None, help="folder for the task's outputs")
     p.add_argument("--quick", action="store_true", help="a few steps only")
     p.add_argument("--seed", type=int, default=0)

@@ -2,19 +2,16 @@
 this CPU in minutes on data that ships with Python or its packages (or is generated), each reporting
 its metric beside a baseline.
 
-- ``lm``: a byte-level GPT on the Python standard library's own source text (:mod:`qkv.apps.tasks.lm`);
-- ``vit``: a ViT on scikit-learn's 8x8 handwritten digits, with attention-rollout maps (:mod:`qkv.apps.tasks.vit`);
-- ``forecast``: an attention forecaster on Google's daily trading volume that matplotlib ships
-  (:mod:`qkv.apps.tasks.forecast`);
-- ``recsys``: SASRec-style next-item prediction on generated histories (:mod:`qkv.apps.tasks.recsys`);
-- ``speech``: spoken digit strings synthesised by ``espeak-ng``, recognised by an attention encoder-decoder
-  (:mod:`qkv.apps.tasks.speech`);
-- ``caption``: scenes of handwritten digits captioned by a patch encoder and a word decoder with
-  cross-attention (:mod:`qkv.apps.tasks.caption`);
-- ``molecule``: attention over the atoms of generated molecules, a label defined by SMARTS substructures, and
-  how much attention lands on them (:mod:`qkv.apps.tasks.molecule`; needs RDKit, the ``chem`` extra).
+A task is one module of this package that defines ``train(out=None, quick=False, seed=0, progress=False)
+-> TaskResult``; its name is the module's name and its summary the first line of its docstring. Adding a
+task is adding that module: :func:`tasks` finds it, ``qkv train NAME`` runs it and an unknown name lists
+it, with no list to edit. Modules without ``train`` (``common``, ``decoder``, ``digit_scenes``,
+``spoken``) are helpers the tasks share. The tasks today: ``lm`` (a byte-level GPT on the standard
+library's source), ``vit`` (scikit-learn's digits), ``forecast`` (a trading-volume series matplotlib
+ships), ``recsys`` (SASRec-style next item), ``speech`` (digit strings spoken by ``espeak-ng``),
+``caption`` (scenes of digits) and ``molecule`` (atoms of generated molecules; RDKit, the ``chem`` extra).
 
-A task module may define ``missing() -> str | None``: what it needs and is not installed (then
+A task module may also define ``missing() -> str | None``: what it needs and is not installed (then
 ``qkv train`` prints it and exits with status 2).
 """
 
@@ -22,24 +19,37 @@ from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 import time
 from typing import Any
 
 from .common import TaskResult
 
-__all__ = ["TASKS", "TaskResult", "run_task", "train_task"]
+__all__ = ["TaskResult", "run_task", "tasks", "train_task"]
 
-TASKS = ("lm", "vit", "forecast", "recsys", "speech", "caption", "molecule")
+
+def tasks() -> dict[str, str]:
+    """Every task of this package, by name, with its summary (the first line of the module's docstring,
+    without a leading ``qkv train NAME``: label): the modules that define ``train``, in the order of their
+    names."""
+    found: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        mod = importlib.import_module(f".{info.name}", __name__)
+        if callable(getattr(mod, "train", None)):
+            first = (mod.__doc__ or "").strip().split("\n")[0]
+            found[info.name] = first.removeprefix(f"``qkv train {info.name}``: ")
+    return found
 
 
 def train_task(
     task: str, out: str | None = None, quick: bool = False, seed: int = 0, progress: bool = False
 ) -> TaskResult:
-    """Train ``task`` (one of :data:`TASKS`) and return its :class:`TaskResult`; ``out`` receives its files.
+    """Train ``task`` (a name of :func:`tasks`) and return its :class:`TaskResult`; ``out`` receives its files.
 
     Raises ``ValueError`` naming the valid tasks for an unknown one."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    known = tasks()
+    if task not in known:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(known)}")
     mod: Any = importlib.import_module(f".{task}", __name__)
     result: TaskResult = mod.train(out=out, quick=quick, seed=seed, progress=progress)
     return result
@@ -50,8 +60,10 @@ def run_task(task: str, out: str | None = None, quick: bool = False, seed: int =
     (2 for an unknown task)."""
     import sys
 
-    if task not in TASKS:
-        print(f"qkv train: unknown task {task!r}; choose one of: {', '.join(TASKS)}", file=sys.stderr)
+    known = tasks()
+    if task not in known:
+        lines = "".join(f"\n  {name:10s} {summary}" for name, summary in known.items())
+        print(f"qkv train: unknown task {task!r}; choose one of:{lines}", file=sys.stderr)
         return 2
     mod: Any = importlib.import_module(f".{task}", __name__)
     need = mod.missing() if hasattr(mod, "missing") else None
