@@ -257,9 +257,10 @@ def _resolve(req: Request, backend: str) -> tuple[Backend, Any]:
     if not impl.available():
         names = ", ".join(n for n, b in registered().items() if b.available())
         raise ValueError(f"backend {backend!r} is not available on this machine; available: {names}")
-    unknown = set(req.options) - impl.options if req.options else None
-    if unknown:
-        raise TypeError(f"backend {backend!r} does not take the option(s) {', '.join(sorted(unknown))}")
+    if req.options:
+        unknown = set(req.options) - impl.options
+        if unknown:
+            raise TypeError(f"backend {backend!r} does not take the option(s) {', '.join(sorted(unknown))}")
     why = unsupported(impl, req) or impl.supports(req)
     if why is not None:
         try:
