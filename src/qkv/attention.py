@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Literal, NoReturn, overload
 
 import torch
 from torch import Tensor
@@ -284,19 +284,19 @@ def _validate(
     device = q.device
     if not (k.device == device and v.device == device):
         raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    dims = q.dim()
-    if not (k.dim() == dims and v.dim() == dims):
+    qs, ks, vs = q.shape, k.shape, v.shape
+    dims = len(qs)
+    if not (len(ks) == dims and len(vs) == dims):
         raise ValueError(f"q, k and v must have the same number of dims (B, H, L, D), got {_shapes(q, k, v)}")
+    given = (q, k, v)  # the messages below show the shapes as given
     squeeze = 4 - dims
     if squeeze:
         if not 0 < squeeze <= 2:
             raise ValueError(f"q, k and v must be (B, H, L, D), (H, L, D) or (L, D), got {_shapes(q, k, v)}")
-        given = (q, k, v)  # the messages below show the shapes as given
         for _ in range(squeeze):
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    else:
-        given = (q, k, v)
-    (Bq, H, _, D), (Bk, Hkv, Lk, Dk), (Bv, Hv, Lv, _) = q.shape, k.shape, v.shape
+        qs, ks, vs = q.shape, k.shape, v.shape
+    (Bq, H, Lq, D), (Bk, Hkv, Lk, Dk), (Bv, Hv, Lv, Dv) = qs, ks, vs
     if not (Bq == Bk == Bv and D == Dk and Lk == Lv and Hkv == Hv and Hkv != 0 and H % Hkv == 0 and D != 0):
         _shape_error(Bq, H, D, Bk, Hkv, Lk, Dk, Bv, Hv, Lv, given)
     if scale is None:
@@ -309,9 +309,11 @@ def _validate(
         raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
     if sinks is not None:
         _check_sinks(sinks, q)
-    m = as_mask(mask) if mask is not None else None
+    m = mask if mask is None or isinstance(mask, Mask) else as_mask(mask)
     sm = as_score_mod(score_mod) if score_mod is not None else None
-    req = Request(q, k, v, m, sm, float(scale), float(dropout_p), return_weights, dict(options), sinks)
+    req = Request._sized(
+        q, k, v, m, sm, float(scale), float(dropout_p), return_weights, dict(options), sinks, Bq, H, Hkv, Lq, Lk, D, Dv
+    )
     if m is not None:
         m.check(req.shape)
     if sm is not None:
@@ -325,7 +327,7 @@ def _validate(
 
 def _shape_error(
     Bq: int, H: int, D: int, Bk: int, Hkv: int, Lk: int, Dk: int, Bv: int, Hv: int, Lv: int, given: tuple[Tensor, ...]
-) -> None:
+) -> NoReturn:
     """Raise the ``ValueError`` that names the first of the shape rules the inputs break."""
     q, k, v = given
     if not (Bq == Bk == Bv):

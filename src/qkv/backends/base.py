@@ -89,11 +89,30 @@ class Request:
     ) -> None:
         B, H, Lq, D = q.shape
         _, Hkv, Lk, _ = k.shape
-        Dv = v.shape[3]
+        opts = {} if options is None else options
+        self._fill(q, k, v, mask, score_mod, scale, dropout_p, return_weights, opts, sinks, B, H, Hkv, Lq, Lk, D, v.shape[3])
+
+    @classmethod
+    def _sized(
+        cls, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, score_mod: ScoreMod | None, scale: float,
+        dropout_p: float, return_weights: bool, options: dict[str, Any], sinks: Tensor | None,
+        B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
+    ) -> Request:
+        """A request whose sizes the caller has read already (:func:`qkv.attention`'s validation, which
+        checked them): the tensors' shapes are not read again."""  # fmt: skip
+        req = cls.__new__(cls)
+        req._fill(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks, B, H, Hkv, Lq, Lk, D, Dv)
+        return req
+
+    def _fill(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, score_mod: ScoreMod | None, scale: float,
+        dropout_p: float, return_weights: bool, options: dict[str, Any], sinks: Tensor | None,
+        B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
+    ) -> None:
         # frozen: every field set once, here, into __dict__ (one call: a request is made per attention call)
         self.__dict__.update(
             q=q, k=k, v=v, mask=mask, score_mod=score_mod, scale=scale, dropout_p=dropout_p,
-            return_weights=return_weights, options={} if options is None else options, sinks=sinks,
+            return_weights=return_weights, options=options, sinks=sinks,
             B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv,
             shape=Shape(B, H, Lq, Lk, q.device), flops=2.0 * B * H * Lq * Lk * (D + Dv),
         )  # fmt: skip

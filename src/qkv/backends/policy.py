@@ -223,6 +223,8 @@ def resolve(req: Request, backend: str = "auto") -> tuple[Backend, Any]:
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if req.mask is None:  # no mask key to compute once: the scope would hold nothing
+        return _resolve(req, backend)
     with PLANS.scope():
         return _resolve(req, backend)
 
