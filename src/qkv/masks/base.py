@@ -24,12 +24,14 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``: PyTorch FlexAttention's convention (documented as
 :data:`qkv.masks.MaskMod`)."""
 
+_CPU = torch.device("cpu")
+
 EMPTY, FULL, PARTIAL = 0, 1, 2
 """Tile kinds returned by :meth:`Mask.block_kinds` (documented as :data:`qkv.masks.EMPTY`, ``FULL``,
 ``PARTIAL``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Shape:
     """The problem a mask is applied to: batch, query heads, query and key lengths, device."""
 
@@ -38,6 +40,10 @@ class Shape:
     Lq: int
     Lk: int
     device: torch.device = torch.device("cpu")
+
+    def __init__(self, B: int, H: int, Lq: int, Lk: int, device: torch.device = _CPU) -> None:
+        # frozen: set once, here (one call: a shape is made per attention call)
+        self.__dict__.update(B=B, H=H, Lq=Lq, Lk=Lk, device=device)
 
     @property
     def offset(self) -> int:
