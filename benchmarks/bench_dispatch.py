@@ -12,6 +12,10 @@ in eval mode, under ``torch.no_grad()``. Three contenders: the module with ``bac
 default: validation and ``auto``'s choice each call), the same module with ``backend="sdpa"`` named
 (validation, no choice) and the peer. Each timing is the median over ``--repeats`` rounds of the mean of
 ``--calls`` calls; the ratios are over the peer's time.
+
+A second table times the bare call of a decoding step, ``qkv.attention(q, k, v, mask=causal())`` with
+``q (1, 8, 1, 32)`` against ``L`` keys, with ``auto``, ``sdpa`` and ``tiled`` named, against
+``F.scaled_dot_product_attention(q, k, v)`` (one query sees every key: no mask), in turns likewise.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import qkv
 from qkv import masks as M
 from qkv.nn import MultiHeadAttention
 from qkv.nn.cache import KVCache
@@ -109,6 +114,27 @@ def main() -> None:
                         times[name].append(_mean_s(fn, calls))
                 a, n, b = (statistics.median(times[name]) * 1e6 for name in ("module", "named", "direct"))
                 print(f"| {case} | {L} | {b:.1f} | {a:.1f} | {a / b:.2f} | {n:.1f} | {n / b:.2f} |", flush=True)
+    print("\nthe bare call of a decoding step, q (1, 8, 1, 32), mask=causal(); ratios over F.sdpa(q, k, v)\n")
+    print("| L | F.sdpa (us) | auto (us) | ratio | sdpa named (us) | ratio | tiled named (us) | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for L in (int(x) for x in args.lengths.split(",")):
+            q, k, v = torch.randn(1, 8, 1, 32), torch.randn(1, 8, L, 32), torch.randn(1, 8, L, 32)
+            calls_: dict[str, Callable[[], object]] = {
+                "direct": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+                "auto": lambda q=q, k=k, v=v: qkv.attention(q, k, v, mask=M.causal()),
+                "sdpa": lambda q=q, k=k, v=v: qkv.attention(q, k, v, mask=M.causal(), backend="sdpa"),
+                "tiled": lambda q=q, k=k, v=v: qkv.attention(q, k, v, mask=M.causal(), backend="tiled"),
+            }
+            ref = calls_["direct"]()
+            for fn in calls_.values():  # warm-up; all compute the same thing
+                torch.testing.assert_close(fn(), ref, atol=1e-5, rtol=1e-4)
+            times = {name: [] for name in calls_}
+            for _ in range(args.repeats):
+                for name, fn in calls_.items():
+                    times[name].append(_mean_s(fn, calls))
+            d, a, n, t = (statistics.median(times[name]) * 1e6 for name in ("direct", "auto", "sdpa", "tiled"))
+            print(f"| {L} | {d:.1f} | {a:.1f} | {a / d:.2f} | {n:.1f} | {n / d:.2f} | {t:.1f} | {t / d:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Literal, NoReturn, overload
 
 import torch
 from torch import Tensor
@@ -12,7 +12,8 @@ from torch import Tensor
 from .backends import Request
 from .backends.base import assume_traced
 from .backends.policy import choose, resolve
-from .masks import MaskLike, as_mask
+from .backends.registry import lookup
+from .masks import Mask, MaskLike, as_mask
 from .scores import ScoreMod, ScoreModFn, as_score_mod
 
 __all__ = ["Explanation", "attention", "explain"]
@@ -133,7 +134,9 @@ def attention(
         >>> qkv.attention(q, k, v, mask=masks.padding(0)).abs().max()
         tensor(0.)
     """
-    req, squeeze = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
+    req, squeeze = _validate(
+        q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks, _whole(backend)
+    )
     impl, plan = resolve(req, backend)
     result = _edge_case(req) if req.Lq == 0 or req.Lk == 0 else impl.run(req, plan)
     if squeeze:
@@ -172,7 +175,8 @@ class Explanation:
     costs: dict[str, float] = field(default_factory=dict)
     """Every candidate's estimated seconds (the cheapest is picked)."""
     mask: str = ""
-    """The mask the request carried, in words (its structure, or the name of a fallback and its reason)."""
+    """The mask the request carried, in words (its structure, or the name of a fallback and its reason;
+    a mask that allows every pair of the problem, say ``causal()`` for one query, is said to be dropped)."""
     uncached: str = ""
     """Why the mask's plans (tile classes, block masks) cannot be cached, so are built again on every
     call; empty when they are cached (or nothing is planned)."""
@@ -234,14 +238,18 @@ def explain(
     """
     if not isinstance(compiled, bool):
         raise TypeError(f"compiled must be a bool, got {type(compiled).__name__}")
-    req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks)
+    req, _ = _validate(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks, True)
     with assume_traced(compiled):
         c = choose(req)
     # inside a compiled graph plans are made in the graph on every call anyway: nothing to say there
     uncached = "" if compiled or req.mask is None else req.mask.cache_blocker() or ""
-    return Explanation(
-        c.backend, c.reason, c.declined, c.costs, repr(req.mask) if req.mask is not None else "", uncached
-    )
+    if req.mask is not None:
+        shown = repr(req.mask)
+    elif isinstance(mask, Mask):  # dropped by _validate: it allows every pair of this problem
+        shown = f"{mask!r}, which allows every pair here (Lq={req.Lq}, Lk={req.Lk}): computed without a mask"
+    else:
+        shown = ""
+    return Explanation(c.backend, c.reason, c.declined, c.costs, shown, uncached)
 
 
 def _validate(
@@ -255,11 +263,18 @@ def _validate(
     return_weights: Any,
     options: dict[str, Any],
     sinks: Any = None,
+    whole: bool = False,
 ) -> tuple[Request, int]:
-    """Check every argument once; return the 4-D request and how many leading dims were added."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    """Check every argument once; return the 4-D request and how many leading dims were added.
+
+    ``whole``: the request is the whole problem of the backend that computes it (see :func:`_whole`), so
+    a mask that allows every pair of it (:meth:`qkv.masks.Mask.allows_all`) is dropped, after its checks
+    (off by default: the test oracle applies every mask as given).
+    Every check runs on every call; messages are written only on error."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     dtype = q.dtype
     if not (dtype.is_floating_point and k.dtype == dtype and v.dtype == dtype):
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -269,31 +284,21 @@ def _validate(
     device = q.device
     if not (k.device == device and v.device == device):
         raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    dims = q.dim()
-    if not (k.dim() == dims and v.dim() == dims):
+    qs, ks, vs = q.shape, k.shape, v.shape
+    dims = len(qs)
+    if not (len(ks) == dims and len(vs) == dims):
         raise ValueError(f"q, k and v must have the same number of dims (B, H, L, D), got {_shapes(q, k, v)}")
-    if not 2 <= dims <= 4:
-        raise ValueError(f"q, k and v must be (B, H, L, D), (H, L, D) or (L, D), got {_shapes(q, k, v)}")
-    squeeze = 4 - dims
     given = (q, k, v)  # the messages below show the shapes as given
-    for _ in range(squeeze):
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    (Bq, H, _, D), (Bk, Hkv, Lk, Dk), (Bv, Hv, Lv, _) = q.shape, k.shape, v.shape
-    if not (Bq == Bk == Bv):
-        raise ValueError(f"q, k and v must have the same batch size B (dim 0), got {_shapes(*given)}")
-    if D != Dk:
-        raise ValueError(f"q and k must have the same head dim D (last dim), got {_shapes(*given)}")
-    if Lk != Lv:
-        raise ValueError(f"k and v must have the same length Lk (dim -2), got {_shapes(*given)}")
-    if Hkv != Hv:
-        raise ValueError(f"k and v must have the same number of heads Hkv (dim 1), got {_shapes(*given)}")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(
-            f"the query heads H={H} must be a multiple of the key/value heads Hkv={Hkv}"
-            f" (grouped-query attention), got {_shapes(*given)}"
-        )
-    if D == 0:
-        raise ValueError(f"the head dim D must be > 0, got {_shapes(*given)}")
+    squeeze = 4 - dims
+    if squeeze:
+        if not 0 < squeeze <= 2:
+            raise ValueError(f"q, k and v must be (B, H, L, D), (H, L, D) or (L, D), got {_shapes(q, k, v)}")
+        for _ in range(squeeze):
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        qs, ks, vs = q.shape, k.shape, v.shape
+    (Bq, H, Lq, D), (Bk, Hkv, Lk, Dk), (Bv, Hv, Lv, Dv) = qs, ks, vs
+    if not (Bq == Bk == Bv and D == Dk and Lk == Lv and Hkv == Hv and Hkv != 0 and H % Hkv == 0 and D != 0):
+        _shape_error(Bq, H, D, Bk, Hkv, Lk, Dk, Bv, Hv, Lv, given)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -304,14 +309,54 @@ def _validate(
         raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
     if sinks is not None:
         _check_sinks(sinks, q)
-    m = as_mask(mask)
-    sm = as_score_mod(score_mod)
-    req = Request(q, k, v, m, sm, float(scale), float(dropout_p), return_weights, dict(options), sinks)
+    m = mask if mask is None or isinstance(mask, Mask) else as_mask(mask)
+    sm = as_score_mod(score_mod) if score_mod is not None else None
+    req = Request._sized(
+        q, k, v, m, sm, float(scale), float(dropout_p), return_weights, dict(options), sinks, Bq, H, Hkv, Lq, Lk, D, Dv
+    )
     if m is not None:
         m.check(req.shape)
     if sm is not None:
         sm.check(req.shape)
+    if whole and m is not None and m.allows_all(req.shape):
+        # the same problem with no mask (every backend's fastest path); the request is new and ours:
+        # set before anyone has seen it, as its constructor would
+        req.__dict__["mask"] = None
     return req, squeeze
+
+
+def _shape_error(
+    Bq: int, H: int, D: int, Bk: int, Hkv: int, Lk: int, Dk: int, Bv: int, Hv: int, Lv: int, given: tuple[Tensor, ...]
+) -> NoReturn:
+    """Raise the ``ValueError`` that names the first of the shape rules the inputs break."""
+    q, k, v = given
+    if not (Bq == Bk == Bv):
+        raise ValueError(f"q, k and v must have the same batch size B (dim 0), got {_shapes(q, k, v)}")
+    if D != Dk:
+        raise ValueError(f"q and k must have the same head dim D (last dim), got {_shapes(q, k, v)}")
+    if Lk != Lv:
+        raise ValueError(f"k and v must have the same length Lk (dim -2), got {_shapes(q, k, v)}")
+    if Hkv != Hv:
+        raise ValueError(f"k and v must have the same number of heads Hkv (dim 1), got {_shapes(q, k, v)}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(
+            f"the query heads H={H} must be a multiple of the key/value heads Hkv={Hkv}"
+            f" (grouped-query attention), got {_shapes(q, k, v)}"
+        )
+    raise ValueError(f"the head dim D must be > 0, got {_shapes(q, k, v)}")
+
+
+def _whole(backend: Any) -> bool:
+    """Whether the request is the whole problem, computed exactly, for ``backend``: under ``"auto"``
+    (which picks only backends that compute the request as given) and for a named backend that is
+    ``exact`` and whose inputs are not one rank's shards (``local_shards``). Then a mask that allows
+    every pair of the request's shapes may be dropped; an approximation named keeps its mask as given
+    (its answer is its own), a ring's shards are not the problem. An unknown name: ``False`` (it is
+    refused by name later)."""
+    if backend == "auto":
+        return True
+    b = lookup(backend) if isinstance(backend, str) else None
+    return b is not None and b.exact and not b.local_shards
 
 
 def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:

@@ -337,3 +337,33 @@ def test_auto_on_cuda(monkeypatch, what, expect):
     }[what]
     qq = q.requires_grad_() if what.endswith("_grad") else q
     assert qkv.explain(qq, q, q, **kw).backend == expect
+
+
+def test_auto_asks_for_no_kernel_key_where_no_kernel_of_the_shape_ran(monkeypatch):
+    """On the CPU, with compiling not allowed, flex is declined to ``auto`` before its kernel key (the
+    mask's and score mod's structure) is computed, unless a kernel of that shape (or a dynamic one of
+    its kind) ran; ``maybe_ready`` never says no where ``ready`` would say yes."""
+    kernels = FX._Kernels()
+    monkeypatch.setattr(FX, "KERNELS", kernels)
+    old = FX.allow_compile(False)
+    try:
+        fx = backends.get("flex")
+        q = torch.randn(1, 2, 4, 8)
+        req = _req(q, q, q, M.causal() & M.sliding_window(2))
+        keyed = []
+        real = FX.Flex.kernel_key
+        monkeypatch.setattr(FX.Flex, "kernel_key", lambda self, r: keyed.append(1) or real(self, r))
+        assert "would compile" in (fx.auto_blocker(req) or "") and keyed == []
+        kernels.record(real(fx, req), fx._sig(req), True)  # as if its kernel had run
+        assert fx.auto_blocker(req) is None and keyed == [1]
+        other = _req(torch.randn(1, 2, 5, 8), q, q, M.causal())
+        assert fx.auto_blocker(other) is not None and keyed == [1]  # another shape: no key computed
+        for sig in [(1, 4, 4), (2, 4, 4), (1, 1, 9)]:  # the unions over-state, never under-state
+            assert kernels.maybe_ready(sig) or not any(kernels.ready(key, sig) for key in kernels.shapes)
+        kernels.record("k2", (2, 6, 6), True)
+        kernels.record("k2", (2, 7, 7), False)  # a new shape without a compile: dynamic kernel
+        assert kernels.ready("k2", (3, 8, 8)) and kernels.maybe_ready((3, 8, 8))
+        kernels.clear()
+        assert not kernels.maybe_ready((1, 4, 4)) and not kernels.maybe_ready((3, 8, 8))
+    finally:
+        FX.allow_compile(old)

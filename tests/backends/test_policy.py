@@ -147,3 +147,59 @@ def test_no_backend_can_serve_raises_with_every_reason(monkeypatch):
     monkeypatch.setattr(_Toy, "supports", lambda self, req: "never")
     with pytest.raises(NotImplementedError, match="toy: never"):
         policy.choose(req)
+
+
+def test_a_call_picks_what_explain_shows():
+    """``qkv.attention`` chooses without writing reasons (and remembers plain choices); on every kind of
+    request it serves with the backends ``candidates`` lists and picks the backend ``choose`` (explain's
+    path) picks, with and without gradients, inside a trace too."""
+    from qkv.attention import _validate
+    from qkv.backends.base import assume_traced
+    from qkv.scores import alibi, softcap
+
+    q, k = torch.randn(2, 4, 64, 16), torch.randn(2, 2, 80, 16)
+    cases = [
+        {},
+        {"mask": M.causal()},
+        {"mask": M.causal() & M.sliding_window(8)},
+        {"mask": M.padding(torch.tensor([80, 40]))},
+        {"score_mod": alibi(4)},
+        {"score_mod": softcap(20.0)},
+        {"return_weights": True},
+        {"dropout_p": 0.1},
+        {"options": {"block_q": 32}},
+        {"options": {"compile": False}},
+        {"sinks": torch.zeros(4)},
+    ]
+    for kw in cases:
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                qq = q.clone().requires_grad_(grad)
+                req, _ = _validate(
+                    qq, k, k, kw.get("mask"), kw.get("score_mod"), None, kw.get("dropout_p", 0.0),
+                    kw.get("return_weights", False), kw.get("options", {}), kw.get("sinks"), True,
+                )  # fmt: skip
+                assert set(policy._serving(req)) == set(policy.candidates(req)[0]), kw
+                try:
+                    want = policy.choose(req).backend
+                except NotImplementedError as e:  # none serves it: the call says so with the same reasons
+                    with pytest.raises(NotImplementedError) as got:
+                        policy.resolve(req)
+                    assert str(got.value) == str(e)
+                    continue
+                for _ in range(2):  # the second call may come from the memo
+                    assert policy.resolve(req)[0].name == want, (kw, grad)
+                with assume_traced():
+                    c = policy.choose(req)
+                    assert set(policy._serving(req)) == set(policy.candidates(req)[0]), kw
+                    got = policy.resolve(req)[0].name
+                    assert got == (c.backend if not c.outside else "outside"), (kw, grad)
+
+
+def test_a_decoding_step_goes_to_one_fused_call():
+    """One query under causal() over a KV cache: the mask is dropped and auto picks SDPA's one fused
+    call; tiled would make the same call (its plan is one call) plus its own per-call cost."""
+    q, k = torch.randn(1, 8, 1, 32), torch.randn(1, 8, 512, 32)
+    e = qkv.explain(q, k, k, mask=M.causal())
+    assert e.backend == "sdpa" and e.costs["tiled"] > e.costs["sdpa"], str(e)
+    assert "PyTorch's fused kernel, no mask" in e.reason

@@ -289,3 +289,19 @@ def test_hooks_read_and_intervene_inside_a_graph_without_a_break() -> None:
     assert len(seen) >= 2 * 2  # both layers' heads were read, eagerly and while tracing
     assert (eager - plain).abs().max() > 1e-3  # the intervention changes the output...
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)  # ...and the graph keeps it
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+def test_a_decoding_step_whose_mask_is_dropped_traces_without_a_break(backend: str) -> None:
+    """One query under causal(): the mask is dropped while tracing too (from shapes alone), and the
+    graph holds one SDPA call with no mask and gives the formula's answer."""
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 7, 8)
+
+    def step(q: Tensor, k: Tensor) -> Tensor:
+        return qkv.attention(q, k, k, mask=M.causal(), backend=backend)
+
+    counter = CountingBackend()
+    with torch.no_grad():
+        got = torch.compile(step, backend=counter, fullgraph=True)(q, k)
+    torch.testing.assert_close(got, qkv.attention(q.double(), k.double(), k.double(), backend="reference").float())
+    assert counter.graphs == 1 and counter.ops == ["<built-in function scaled_dot_product_attention>"], counter.ops

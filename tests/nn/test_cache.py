@@ -18,6 +18,7 @@ from qkv.nn import (
     RotaryEmbedding,
     SlidingWindowKVCache,
 )
+from qkv.nn.cache import at_positions
 from qkv.scores import ScoreMod, alibi
 
 D64 = torch.float64
@@ -159,3 +160,14 @@ def test_growing_cache_under_autograd_and_errors() -> None:
         SlidingWindowKVCache(0)
     with pytest.raises(ValueError, match="KVCache is for self-attention"):
         m(x, x, cache=GrowingKVCache())
+
+
+def test_a_ring_within_its_window_needs_no_mask() -> None:
+    """``at_positions`` returns no mask where the mask allows every kept key at its position (a wrapped
+    ring buffer under its own window: no dense mask per step), and the dense mask where it does not."""
+    positions = torch.tensor([4, 5, 2, 3])  # a ring of 4 after token 5: slots out of order
+    mask, _ = at_positions(causal() & sliding_window(3), None, 1, 2, 1, positions, 6)
+    assert mask is None
+    mask, _ = at_positions(causal() & sliding_window(2), None, 1, 2, 1, positions, 6)  # key 2 is out of it
+    assert mask is not None
+    assert mask.to_dense(1, 2, 1, 4)[0, 0, 0].tolist() == [True, True, False, True]

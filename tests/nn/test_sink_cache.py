@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qkv.masks import causal, from_dense
+from qkv.masks import causal, from_dense, sliding_window
 from qkv.models import GPT
 from qkv.nn import MultiHeadAttention, RotaryEmbedding, SinkKVCache, SlidingWindowKVCache
 from qkv.scores import alibi
@@ -130,3 +130,21 @@ def test_generate_streams_beyond_max_len_and_checks_its_arguments():
         SinkKVCache(2, 0)
     with pytest.raises(ValueError, match="'cache' or 'original'"):
         SinkKVCache(2, 2, positions="text")
+
+
+@pytest.mark.parametrize("window", [5, 6, 9])
+def test_original_positions_with_a_window_narrower_than_the_distance_to_the_sinks(window):
+    """A sliding window over original positions hides the sinks once they fall out of it, even when the
+    window is as wide as the cache (``sinks + recent`` keys): the step's mask is judged on the keys'
+    positions, not on how many keys the cache returns (it was dropped for that, and the sinks attended)."""
+    torch.manual_seed(0)
+    sinks, recent, L = 2, 4, 20
+    m = MultiHeadAttention(16, 4).double().eval()
+    x = torch.randn(1, L, 16, dtype=D64)
+    mask = causal() & sliding_window(window)
+    with torch.no_grad():
+        cache = SinkKVCache(sinks, recent, positions="original")
+        got = torch.cat([m(x[:, t : t + 1], mask=mask, cache=cache) for t in range(L)], 1)
+        allowed = streaming_mask([1] * L, sinks, recent) & mask.to_dense(1, 1, L, L)[0, 0]
+        want = m(x, mask=from_dense(allowed))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

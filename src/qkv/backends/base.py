@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ def assume_traced(flag: bool = True) -> Iterator[None]:
         _assume_traced = old
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Request:
     """One validated call of :func:`qkv.attention`, in 4-D layout.
 
@@ -74,14 +74,48 @@ class Request:
     flops: float = field(init=False, repr=False, compare=False)
     """Forward floating-point operations if every pair met: ``2 B H Lq Lk (D + Dv)``."""
 
-    def __post_init__(self) -> None:
-        B, H, Lq, D = self.q.shape
-        Hkv, Lk, Dv = self.k.shape[1], self.k.shape[2], self.v.shape[3]
-        put = object.__setattr__  # frozen: set once, here
-        for name, val in (("B", B), ("H", H), ("Hkv", Hkv), ("Lq", Lq), ("Lk", Lk), ("D", D), ("Dv", Dv)):
-            put(self, name, val)
-        put(self, "shape", Shape(B, H, Lq, Lk, self.q.device))
-        put(self, "flops", 2.0 * B * H * Lq * Lk * (D + Dv))
+    def __init__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Mask | None,
+        score_mod: ScoreMod | None,
+        scale: float,
+        dropout_p: float,
+        return_weights: bool,
+        options: dict[str, Any] | None = None,
+        sinks: Tensor | None = None,
+    ) -> None:
+        B, H, Lq, D = q.shape
+        _, Hkv, Lk, _ = k.shape
+        opts = {} if options is None else options
+        self._fill(q, k, v, mask, score_mod, scale, dropout_p, return_weights, opts, sinks, B, H, Hkv, Lq, Lk, D, v.shape[3])
+
+    @classmethod
+    def _sized(
+        cls, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, score_mod: ScoreMod | None, scale: float,
+        dropout_p: float, return_weights: bool, options: dict[str, Any], sinks: Tensor | None,
+        B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
+    ) -> Request:
+        """A request whose sizes the caller has read already (:func:`qkv.attention`'s validation, which
+        checked them): the tensors' shapes are not read again."""  # fmt: skip
+        req = cls.__new__(cls)
+        req._fill(q, k, v, mask, score_mod, scale, dropout_p, return_weights, options, sinks, B, H, Hkv, Lq, Lk, D, Dv)
+        return req
+
+    def _fill(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, score_mod: ScoreMod | None, scale: float,
+        dropout_p: float, return_weights: bool, options: dict[str, Any], sinks: Tensor | None,
+        B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
+    ) -> None:
+        # frozen: every field set once, here, into __dict__ (one call: a request is made per attention call)
+        self.__dict__.update(
+            q=q, k=k, v=v, mask=mask, score_mod=score_mod, scale=scale, dropout_p=dropout_p,
+            return_weights=return_weights, options=options, sinks=sinks,
+            B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv,
+            shape=Shape(B, H, Lq, Lk, q.device), flops=2.0 * B * H * Lq * Lk * (D + Dv),
+        )  # fmt: skip
 
     @property
     def groups(self) -> int:
@@ -98,8 +132,10 @@ class Request:
 
     @property
     def requires_grad(self) -> bool:
-        ts = (self.q, self.k, self.v) if self.sinks is None else (self.q, self.k, self.v, self.sinks)
-        return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+        if not torch.is_grad_enabled():
+            return False
+        s = self.sinks
+        return self.q.requires_grad or self.k.requires_grad or self.v.requires_grad or (s is not None and s.requires_grad)
 
 
 class Backend:
@@ -116,7 +152,9 @@ class Backend:
 
     **Flags** say what a backend is without a request, and everything that needs to know reads them
     from the registry (:func:`qkv.backends.registered`), never from a list of names: the policy
-    (``automatic``, ``takes_sinks``, :meth:`available`, :meth:`traceable`), the hook points of
+    (``automatic``, ``local_shards``, ``takes_sinks``, :meth:`available`, :meth:`traceable`),
+    :func:`qkv.attention` (``exact`` and ``local_shards``: whether a mask that allows every pair of the
+    request is dropped before a named backend sees it), the hook points of
     :mod:`qkv.nn` (``exact``: only an exact backend has scores to hook), ``qkv bench`` and the
     benchmarks (every exact backend is timed), and the conformance suite
     (``tests/backends/test_conformance.py``: every available exact backend is held to the float64 oracle
@@ -136,6 +174,10 @@ class Backend:
     #: whether it computes the softmax of the exact scores (False for approximations: they have no
     #: scores for a hook to read)
     exact: bool = True
+    #: whether its ``q``, ``k``, ``v`` are one rank's shards of a longer sequence (``ring``, ``ulysses``),
+    #: so the request's shape is not the problem's: ``auto`` never picks it, and a mask is handed to it
+    #: as given, never dropped for allowing every pair of the local shapes (:meth:`qkv.masks.Mask.allows_all`)
+    local_shards: bool = False
     #: whether :meth:`run` honours ``req.sinks``; a backend that does not is never handed a request
     #: with sinks (the policy declines it with a reason, see :func:`unsupported`)
     takes_sinks: bool = False
@@ -157,6 +199,18 @@ class Backend:
         """``None`` when ``auto`` may pick this backend for ``req`` (which it :meth:`supports`); otherwise
         why only a caller who names it may (say, it would first compile for tens of seconds). Default:
         ``None``."""
+        return None
+
+    def choice_state(self) -> Hashable | None:
+        """What, besides the request, :meth:`available`, :meth:`supports`, :meth:`auto_blocker` and
+        :meth:`cost` read for a *plain* request (no mask, score mod, sinks or options: a decoding step
+        once its causal mask is dropped): state that can change while the process runs (a setting, the
+        kernels compiled so far), as a hashable read afresh on each call. ``auto`` remembers its choice
+        for plain requests under their shapes, dtype, device, grad flags, ``return_weights`` and
+        ``dropout_p``, the registry's version (``qkv.backends.registry.version()``) and every automatic
+        backend's flags, availability and ``choice_state()``, so a choice is never reused across a change
+        of any of them. ``None`` (the default): not known, and ``auto`` chooses afresh on every call while
+        this backend is registered and automatic. The built-in backends return ``()``, or their state."""
         return None
 
     def traceable(self, req: Request) -> str | None:

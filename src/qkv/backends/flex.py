@@ -49,6 +49,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import os
 import shutil
@@ -297,6 +298,9 @@ def _structure(x: Any, depth: int = 0) -> Hashable:
     return ("object", id(x))
 
 
+_KERNEL_VERSIONS = itertools.count()
+
+
 class _Kernels:
     """Which kernels ran: per kernel key, the shapes seen and whether a new shape ran without a
     compile (then dynamo's kernel is dynamic and covers other shapes of the same kind)."""
@@ -305,10 +309,19 @@ class _Kernels:
         self.size = size
         self.shapes: OrderedDict[Hashable, set[tuple[int, ...]]] = OrderedDict()
         self.dynamic: dict[Hashable, set[tuple[bool, ...]]] = {}
+        self._sigs: set[tuple[int, ...]] = set()  # every shape in `shapes`, whatever its key
+        self._kinds: set[tuple[bool, ...]] = set()  # every kind in `dynamic`, whatever its key
+        self.version = next(_KERNEL_VERSIONS)
+        """Changes with every :meth:`record` and :meth:`clear`, and differs between two record objects."""
 
     @staticmethod
     def _kind(sig: tuple[int, ...]) -> tuple[bool, ...]:
         return tuple(n == 1 for n in sig)  # dynamo specialises sizes 0 and 1
+
+    def maybe_ready(self, sig: tuple[int, ...]) -> bool:
+        """False when no kernel key can be :meth:`ready` for shape ``sig``: then no key need be computed
+        (``auto`` asks this of every request on the CPU). True says only: ask :meth:`ready`."""
+        return sig in self._sigs or (bool(self._kinds) and self._kind(sig) in self._kinds)
 
     def ready(self, key: Hashable, sig: tuple[int, ...]) -> bool:
         if sig in self.shapes.get(key, ()):
@@ -319,11 +332,20 @@ class _Kernels:
         seen = self.shapes.setdefault(key, set())
         self.shapes.move_to_end(key)
         if not compiled and seen and sig not in seen:
-            self.dynamic.setdefault(key, set()).add(self._kind(sig))
+            kind = self._kind(sig)
+            self.dynamic.setdefault(key, set()).add(kind)
+            self._kinds.add(kind)
         seen.add(sig)
+        self._sigs.add(sig)
+        self.version = next(_KERNEL_VERSIONS)
+        evicted = False
         while len(self.shapes) > self.size:
             old, _ = self.shapes.popitem(last=False)
             self.dynamic.pop(old, None)
+            evicted = True
+        if evicted:  # the unions shrink with what was evicted (they may over-state, never under-state)
+            self._sigs = set().union(*self.shapes.values())
+            self._kinds = set().union(*self.dynamic.values())
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -331,6 +353,9 @@ class _Kernels:
     def clear(self) -> None:
         self.shapes.clear()
         self.dynamic.clear()
+        self._sigs.clear()
+        self._kinds.clear()
+        self.version = next(_KERNEL_VERSIONS)
 
 
 KERNELS = _Kernels()
@@ -477,25 +502,31 @@ class Flex(Backend):
         return _flag(req, "compile", True)
 
     def supports(self, req: Request) -> str | None:
-        compiled = self.compiled(req)
-        _block(req)
-        lse = _flag(req, "return_lse", False)
+        opts = req.options
+        if opts:  # each option is checked (a wrong type or value raises) before anything is declined
+            compiled = self.compiled(req)
+            _block(req)
+            lse = _flag(req, "return_lse", False)
+        else:
+            compiled, lse = True, False
         if req.dropout_p > 0:
             return "FlexAttention has no dropout (sdpa and reference apply it)"
-        if (req.options.get("weights_heads") is not None or req.options.get("weights_rows") is not None) and not (
+        if opts and (opts.get("weights_heads") is not None or opts.get("weights_rows") is not None) and not (
             req.return_weights
         ):
             return "weights_heads/weights_rows need return_weights=True"
         if lse and req.return_weights:
             return "return_lse and return_weights together: ask for one of them"
-        if req.sinks is not None and req.requires_grad:
+        grad = req.requires_grad
+        if req.sinks is not None and grad:
             return (
                 "flex adds sinks by a logsumexp correction after the kernel, and gradients through"
                 " FlexAttention's logsumexp are not taken here; tiled (by the same correction) and sdpa compute them"
             )
-        if req.device.type not in ("cuda", "cpu"):
-            return f"qkv runs FlexAttention on CUDA and the CPU, not on {req.device.type}"
-        if req.device.type == "cpu" and req.requires_grad:
+        kind = req.device.type
+        if kind not in ("cuda", "cpu"):
+            return f"qkv runs FlexAttention on CUDA and the CPU, not on {kind}"
+        if kind == "cpu" and grad:
             return "FlexAttention has no backward on the CPU (torch raises); tiled computes gradients there"
         if req.score_mod is not None and _score_mod_needs_grad(req.score_mod, req):
             return (
@@ -508,7 +539,7 @@ class Flex(Backend):
             return "compiled FlexAttention takes float32, bfloat16 and float16 (compile=False runs float64)"
         if tracing():  # the caller's torch.compile compiles the kernel, with its own backend and limits
             return None
-        if req.device.type == "cpu":
+        if kind == "cpu":
             why = _cpu_compile_blocker()
             if why is not None:
                 return why + "; compile=False runs the uncompiled implementation"
@@ -524,6 +555,11 @@ class Flex(Backend):
             )
         return None
 
+    def choice_state(self) -> Hashable:
+        """What ``auto``'s choice for a plain request reads beyond it: whether compiling is allowed, the
+        kernels compiled so far (their record's version) and whether the recompile limit is reached."""
+        return (compile_allowed(), KERNELS.version, STATS.compiles >= RECOMPILE_LIMIT)
+
     def traceable(self, req: Request) -> str | None:
         if req.return_weights:
             return "its weights on demand are cut into chunks from the logsumexp's values"
@@ -537,7 +573,7 @@ class Flex(Backend):
                     f" more); opt in with qkv.backends.flex.allow_compile(True) or {ENV}=1"
                 )
             return None
-        if req.device.type == "cpu" and self.compiled(req) and not compile_allowed() and not self.ready(req):
+        if not compile_allowed() and req.device.type == "cpu" and self.compiled(req) and not self.ready(req):
             return (
                 "flex would compile its kernel for this shape first (6-30 s on a CPU); opt in with"
                 f" qkv.backends.flex.allow_compile(True) or {ENV}=1"
@@ -571,8 +607,10 @@ class Flex(Backend):
         return (req.B, req.Lq, req.Lk)
 
     def ready(self, req: Request) -> bool:
-        """Whether the compiled kernel for ``req`` already ran (a call will not compile)."""
-        return KERNELS.ready(self.kernel_key(req), self._sig(req))
+        """Whether the compiled kernel for ``req`` already ran (a call will not compile). The kernel key
+        is computed only where a kernel of this shape (or a dynamic one of its kind) ran at all."""
+        sig = self._sig(req)
+        return KERNELS.maybe_ready(sig) and KERNELS.ready(self.kernel_key(req), sig)
 
     def _fractions(self, req: Request) -> tuple[float, float]:
         if tracing():

@@ -22,6 +22,7 @@ or when no traceable backend serves the request: one graph break per call, the r
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from .base import Backend, Request, tracing, unsupported
 from .plan import PLANS
-from .registry import get, registered
+from .registry import get, registered, version
 
 __all__ = ["Choice", "candidates", "choose", "rank", "resolve"]
 
@@ -65,48 +66,72 @@ def rank(backend: Backend, cost: float) -> tuple[float, int, str]:
     return (cost, -backend.preference, backend.name)
 
 
+_NOT_AVAILABLE = "not available on this machine"
+_BY_NAME = "only when asked for by name (backend=...)"
+
+
+def _screen(b: Backend, req: Request, traced: bool) -> str | None:
+    """Why ``auto`` may not pick ``b`` for ``req`` (the first reason, in the order :func:`explain` reports
+    them), or ``None``. ``supports`` is asked only of a backend that is available, automatic and takes the
+    request's options (it may validate them and raise)."""
+    if not b.available():
+        return _NOT_AVAILABLE
+    if not b.automatic or b.local_shards:  # a backend of local shards never sees a request auto made
+        return _BY_NAME
+    opts = req.options
+    if opts:
+        unknown = set(opts) - b.options
+        if unknown:
+            return f"does not take the option(s) {', '.join(sorted(unknown))}"
+    if traced:  # asked first: a backend that does not trace may read values in supports() too
+        why = b.traceable(req)
+        if why is not None:
+            return f"{TRACED}: {why}"
+    return unsupported(b, req) or b.supports(req) or b.auto_blocker(req)
+
+
 def candidates(req: Request) -> tuple[dict[str, Backend], dict[str, str]]:
     """The backends that may serve ``req`` under ``auto``, and the reasons of all others."""
     ok: dict[str, Backend] = {}
     declined: dict[str, str] = {}
     traced = tracing()
-    opts = set(req.options)
     for name, b in registered().items():
-        if not b.available():
-            declined[name] = "not available on this machine"
-            continue
-        if not b.automatic:
-            declined[name] = "only when asked for by name (backend=...)"
-            continue
-        unknown = opts - b.options if opts else opts
-        if unknown:
-            declined[name] = f"does not take the option(s) {', '.join(sorted(unknown))}"
-            continue
-        if traced:  # asked first: a backend that does not trace may read values in supports() too
-            why = b.traceable(req)
-            if why is not None:
-                declined[name] = f"{TRACED}: {why}"
-                continue
-        why = unsupported(b, req) or b.supports(req) or b.auto_blocker(req)
-        if why is not None:
+        why = _screen(b, req, traced)
+        if why is None:
+            ok[name] = b
+        else:
             declined[name] = why
-            continue
-        ok[name] = b
     return ok, declined
 
 
-def _pick(req: Request) -> tuple[str | None, dict[str, Backend], dict[str, float], dict[str, str]]:
-    """The name ``auto`` picks for ``req`` (``None``: none can serve it), the candidates, their costs and
-    the other backends' reasons; no words are written (a call of ``qkv.attention`` needs none)."""
-    ok, declined = candidates(req)
-    if not ok:
-        return None, ok, {}, declined
+def _serving(req: Request) -> dict[str, Backend]:
+    """The backends of :func:`candidates` without their reasons (what a call of ``qkv.attention`` needs):
+    a backend ``auto`` may never pick is passed over before ``available()`` is asked, which is the only
+    difference; :func:`_screen` decides every other one, so the set is the same."""
+    traced = tracing()
+    return {
+        name: b
+        for name, b in registered().items()
+        if b.automatic and not b.local_shards and _screen(b, req, traced) is None
+    }
+
+
+def _cheapest(req: Request, ok: dict[str, Backend]) -> tuple[str | None, dict[str, float]]:
+    """The name ``auto`` picks among ``ok`` (``None`` when it is empty) and every candidate's cost."""
     costs = {name: b.cost(req) for name, b in ok.items()}
     best, best_rank = None, None
     for name, c in costs.items():  # a plain loop: torch.compile traces it (min(key=...) over a dict it does not)
         r = rank(ok[name], c)
         if best_rank is None or r < best_rank:
             best, best_rank = name, r
+    return best, costs
+
+
+def _pick(req: Request) -> tuple[str | None, dict[str, Backend], dict[str, float], dict[str, str]]:
+    """The name ``auto`` picks for ``req`` (``None``: none can serve it), the candidates, their costs and
+    the other backends' reasons."""
+    ok, declined = candidates(req)
+    best, costs = _cheapest(req, ok)
     return best, ok, costs, declined
 
 
@@ -154,6 +179,39 @@ def _choose(req: Request) -> Choice:
     return Choice(name, best.plan(req), reason, costs, declined)
 
 
+MEMO_SIZE = 256
+"""Choices ``auto`` remembers (:func:`resolve`); the memo is emptied when full."""
+_MEMO: dict[Hashable, str] = {}
+
+
+def _memo_key(req: Request) -> Hashable | None:
+    """What ``auto``'s choice for ``req`` depends on, or ``None`` where it cannot be known cheaply (then
+    the choice is made afresh).
+
+    Only a *plain* request is remembered: no mask (a decoding step's causal mask is dropped before this:
+    :meth:`qkv.masks.Mask.allows_all`), no score mod, no sinks, no options, not traced. For it every
+    backend's ``supports``/``auto_blocker``/``cost`` read the sizes, dtype, device, whether gradients are
+    taken, ``return_weights`` and ``dropout_p``, and state each backend names in
+    :meth:`~qkv.backends.Backend.choice_state` (flex: whether it may compile, the kernels compiled, the
+    recompile limit); the registry's version changes with every (un)registration, and the flags the
+    policy reads, availability and state are read on every call. A backend that does not name its state
+    (``choice_state() is None``, the default) turns the memo off while it is registered and automatic."""
+    if req.mask is not None or req.score_mod is not None or req.sinks is not None or req.options or tracing():
+        return None
+    state = []
+    for name, b in registered().items():
+        if not b.automatic or b.local_shards:  # never a candidate (read on every call, as _screen does)
+            continue
+        st = b.choice_state()
+        if st is None:
+            return None
+        state.append((name, b.preference, b.available(), st))
+    return (
+        version(), tuple(state), req.B, req.H, req.Hkv, req.Lq, req.Lk, req.D, req.Dv,
+        req.dtype, req.device, req.requires_grad, req.return_weights, req.dropout_p,
+    )  # fmt: skip
+
+
 def resolve(req: Request, backend: str = "auto") -> tuple[Backend, Any]:
     """The backend (and its plan) that computes ``req`` when the caller asked for ``backend``
     (``"auto"`` or a registered name).
@@ -165,6 +223,8 @@ def resolve(req: Request, backend: str = "auto") -> tuple[Backend, Any]:
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if req.mask is None:  # no mask key to compute once: the scope would hold nothing
+        return _resolve(req, backend)
     with PLANS.scope():
         return _resolve(req, backend)
 
@@ -180,18 +240,29 @@ def _resolve(req: Request, backend: str) -> tuple[Backend, Any]:
                 f"qkv.attention does not take the option(s) {', '.join(sorted(unknown))}: no registered backend"
                 " understands them"
             )
-        name, ok, _, declined = _pick(req)
+        key = _memo_key(req)
+        name = _MEMO.get(key) if key is not None else None
+        if name is not None:  # the same plain request, registry and backend state as a choice made before
+            impl = get(name)
+            return impl, impl.plan(req)
+        ok = _serving(req)  # no reasons written on the way: they are read only when none serves
+        name, _ = _cheapest(req, ok)
         if name is None:
-            raise _no_backend(declined)
+            raise _no_backend(candidates(req)[1])
+        if key is not None:
+            if len(_MEMO) >= MEMO_SIZE:
+                _MEMO.clear()
+            _MEMO[key] = name
         impl = ok[name]
         return impl, impl.plan(req)
     impl = get(backend)
     if not impl.available():
         names = ", ".join(n for n, b in registered().items() if b.available())
         raise ValueError(f"backend {backend!r} is not available on this machine; available: {names}")
-    unknown = set(req.options) - impl.options
-    if unknown:
-        raise TypeError(f"backend {backend!r} does not take the option(s) {', '.join(sorted(unknown))}")
+    if req.options:
+        unknown = set(req.options) - impl.options
+        if unknown:
+            raise TypeError(f"backend {backend!r} does not take the option(s) {', '.join(sorted(unknown))}")
     why = unsupported(impl, req) or impl.supports(req)
     if why is not None:
         try:

@@ -118,6 +118,9 @@ class Reference(Backend):
     takes_sinks = True
     options = frozenset(HOOKS)
 
+    def choice_state(self) -> tuple[()]:
+        return ()  # a plain request: supports() and cost() read the request alone (and measured constants)
+
     def traceable(self, req: Request) -> str | None:
         # tensor operations only; but in a graph auto would pick it where sdpa declined a dense mask too
         # large for memory, and its scores are larger still: then it declines, and auto runs outside

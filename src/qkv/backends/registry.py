@@ -7,6 +7,8 @@ from __future__ import annotations
 from .base import Backend
 
 _REGISTRY: dict[str, Backend] = {}
+_VERSION = 0
+"""Bumped by every :func:`register` and :func:`unregister` (what ``auto``'s memo of its choices is keyed on)."""
 
 
 def register(backend: Backend) -> Backend:
@@ -28,13 +30,23 @@ def register(backend: Backend) -> Backend:
         raise ValueError(f"register: a backend needs a non-empty name other than 'auto', got {backend.name!r}")
     if isinstance(backend.preference, bool) or not isinstance(backend.preference, int):
         raise TypeError(f"register: {backend.name}.preference must be an int, got {backend.preference!r}")
+    global _VERSION
     _REGISTRY[backend.name] = backend
+    _VERSION += 1
     return backend
 
 
 def unregister(name: str) -> None:
     """Remove the backend registered as ``name`` (no error if there is none)."""
+    global _VERSION
     _REGISTRY.pop(name, None)
+    _VERSION += 1
+
+
+def version() -> int:
+    """A number that changes with every :func:`register` and :func:`unregister`: the registry as ``auto``
+    last saw it (its memo of choices is keyed on it)."""
+    return _VERSION
 
 
 def get(name: str) -> Backend:
@@ -42,6 +54,11 @@ def get(name: str) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(['auto', *_REGISTRY])}")
     return _REGISTRY[name]
+
+
+def lookup(name: str) -> Backend | None:
+    """The backend registered as ``name``, or ``None`` (no error: for callers that check names later)."""
+    return _REGISTRY.get(name)
 
 
 def registered() -> dict[str, Backend]:

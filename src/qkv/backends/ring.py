@@ -354,6 +354,7 @@ class Ring(Backend):
     name = "ring"
     options = frozenset({"group", "layout"})
     automatic = False  # its q, k, v are local shards of a longer sequence: only when asked for by name
+    local_shards = True  # ... so a mask is never judged against the local shapes
 
     def available(self) -> bool:
         import torch.distributed as dist

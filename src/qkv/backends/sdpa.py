@@ -177,6 +177,9 @@ class SDPA(Backend):
                     )
         return None
 
+    def choice_state(self) -> tuple[()]:
+        return ()  # a plain request: supports() and cost() read the request alone (and measured constants)
+
     def traceable(self, req: Request) -> str | None:
         return None  # a dense mask is built in the graph from the mask's formula and tensors
 

@@ -319,6 +319,9 @@ class Tiled(Backend):
             return "weights_heads/weights_rows need return_weights=True"
         return None
 
+    def choice_state(self) -> tuple[()]:
+        return ()  # a plain request: supports() and cost() read the request alone (and measured constants)
+
     def traceable(self, req: Request) -> str | None:
         return (
             "its loop over tiles is planned from tensor values (the mask's block codes, read with .tolist()),"
@@ -354,8 +357,9 @@ class Tiled(Backend):
             s += heads * plan.partial_pairs * MASK_PAIR_S
             s += heads * req.Lq * req.Dv * MERGE_S * max(0.0, plan.calls / max(1, len(plan.tiles)) - 1)
         s += RUN_S
-        casts = 2 * (req.q.numel() + req.k.numel() + req.v.numel()) * CAST_S
-        if req.dtype in HALF and dt not in HALF:  # cast to float32 and back
+        half = req.dtype in HALF
+        casts = 2 * (req.q.numel() + req.k.numel() + req.v.numel()) * CAST_S if half else 0.0
+        if half and dt not in HALF:  # cast to float32 and back
             s += casts
         if req.sinks is not None:  # the logsumexp correction of every output row
             s += heads * req.Lq * req.Dv * SINK_S
@@ -394,14 +398,18 @@ class Tiled(Backend):
         plan = plan if isinstance(plan, TilePlan) else self.plan(req)
         fused = self.fused(req)
         dt = compute_dtype(req.dtype, fused=fused)
-        q, k, v = req.q.to(dt), req.k.to(dt), req.v.to(dt)
+        q, k, v = (req.q, req.k, req.v) if dt == req.dtype else (req.q.to(dt), req.k.to(dt), req.v.to(dt))
         wdt = compute_dtype(req.dtype)  # float32 for half precision: sinks, their correction, weights
         sinks = None if req.sinks is None else req.sinks.to(wdt)
-        if fused:
+        if fused and req.requires_grad:
             out, lse = _FusedTiled.apply(q, k, v, req.scale, req.mask, plan, sinks)
+        elif fused:  # no graph to record: the same forward without the autograd.Function around it
+            out, lse = _fused_forward(q, k, v, req.scale, req.mask, plan)
+            if sinks is not None:
+                out, lse = sink_forward(out, lse, sinks)
         else:
             out, lse = _eager_forward(q, k, v, req, plan, dt, sinks)
-        out = out.to(req.dtype)
+        out = out if out.dtype == req.dtype else out.to(req.dtype)
         if req.return_weights:
             wq, wk = req.q.to(wdt), req.k.to(wdt)  # weights recomputed in float32 for half precision
             ranges = key_ranges(plan.tiles, req.Lq, req.Lk, q.device)

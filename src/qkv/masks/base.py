@@ -24,12 +24,14 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``: PyTorch FlexAttention's convention (documented as
 :data:`qkv.masks.MaskMod`)."""
 
+_CPU = torch.device("cpu")
+
 EMPTY, FULL, PARTIAL = 0, 1, 2
 """Tile kinds returned by :meth:`Mask.block_kinds` (documented as :data:`qkv.masks.EMPTY`, ``FULL``,
 ``PARTIAL``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Shape:
     """The problem a mask is applied to: batch, query heads, query and key lengths, device."""
 
@@ -38,6 +40,10 @@ class Shape:
     Lq: int
     Lk: int
     device: torch.device = torch.device("cpu")
+
+    def __init__(self, B: int, H: int, Lq: int, Lk: int, device: torch.device = _CPU) -> None:
+        # frozen: set once, here (one call: a shape is made per attention call)
+        self.__dict__.update(B=B, H=H, Lq=Lq, Lk=Lk, device=device)
 
     @property
     def offset(self) -> int:
@@ -136,6 +142,8 @@ class Mask:
       plans are then built on every call, never reused.
     - :meth:`window`: ``None`` unless the mask is exactly a sliding window (kernels with a causal flag
       or a window size trust it and apply no mask).
+    - :meth:`allows_all`: ``True`` only when the mask allows every pair of the problem at hand (then
+      :func:`qkv.attention` drops it); the default reads :meth:`window`.
     - :meth:`to`: moves every tensor the mask holds to a device, in place, and returns the mask.
     - :meth:`check`: raises ``ValueError`` naming the argument when the mask cannot apply to a shape.
     - :meth:`shard_blocker` / :meth:`globalize`: how it maps to global positions of a sequence split over
@@ -200,6 +208,35 @@ class Mask:
         is ``(None, 0)``, ``full()`` is ``(None, None)``, ``causal() & sliding_window(256)`` is
         ``(256, 0)``. ``None`` for every other mask. Kernels with a causal flag or a window size read it."""
         return None
+
+    def allows_all(self, s: Shape) -> bool:
+        """True only when this mask lets every query of problem ``s`` see every key of it: then the
+        request is the same problem with no mask, and :func:`qkv.attention` runs it without one (SDPA
+        with no dense mask, ``tiled`` as one call). ``False`` is always safe (the mask is applied);
+        ``True`` must be certain, from the mask's structure alone (no tensor values: it is asked while
+        ``torch.compile`` traces too).
+
+        The default reads :meth:`window`: a window ``(left, right)`` under bottom-right alignment (query
+        ``i`` at position ``p = i + Lk - Lq`` sees keys ``p - left <= j <= p + right``) allows every pair
+        exactly when ``right >= Lq - 1`` (the first query reaches the last key: ``Lk - 1 - (0 + Lk - Lq)``)
+        and ``left >= Lk - 1`` (the last query reaches key 0: ``Lq - 1 + Lk - Lq - 0``), ``None`` being
+        unbounded. So ``causal()`` allows every pair when ``Lq <= 1`` (one decoding step against a KV
+        cache), ``full()`` always, ``causal() & sliding_window(w)`` when ``Lq <= 1`` and ``Lk <= w + 1``.
+        Empty problems (``Lq == 0`` or ``Lk == 0``) have no pair to forbid.
+
+        >>> from qkv import masks
+        >>> masks.causal().allows_all(masks.Shape(B=1, H=8, Lq=1, Lk=128))
+        True
+        >>> masks.causal().allows_all(masks.Shape(B=1, H=8, Lq=2, Lk=128))
+        False
+        """
+        if s.Lq == 0 or s.Lk == 0:
+            return True
+        w = self.window()
+        if w is None:
+            return False
+        left, right = w
+        return (right is None or right >= s.Lq - 1) and (left is None or left >= s.Lk - 1)
 
     @property
     def is_causal(self) -> bool:
@@ -457,6 +494,9 @@ class _And(_Binary):
         b_any, b_all = self.b.tile_bounds(s, block_q, block_k)
         return a_any & b_any, a_all & b_all
 
+    def allows_all(self, s: Shape) -> bool:
+        return self.a.allows_all(s) and self.b.allows_all(s)
+
     def window(self) -> tuple[int | None, int | None] | None:
         wa, wb = self.a.window(), self.b.window()
         if wa is None or wb is None:
@@ -473,6 +513,9 @@ class _Or(_Binary):
 
     def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return self.a.evaluate(s, b, h, q, k) | self.b.evaluate(s, b, h, q, k)
+
+    def allows_all(self, s: Shape) -> bool:
+        return self.a.allows_all(s) or self.b.allows_all(s)
 
     def tile_bounds(self, s: Shape, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
         a_any, a_all = self.a.tile_bounds(s, block_q, block_k)

@@ -73,13 +73,6 @@ def masks_from_torch(
     return TorchMasks(from_dense(allowed) if allowed is not None else None, bias(add) if add is not None else None)
 
 
-def _covers_all(mask: Mask, Lk: int) -> bool:
-    """True when ``mask`` lets a single query at the last position see all of its ``Lk`` preceding keys
-    (then the decoding step needs no mask at all)."""
-    w = mask.window()
-    return w is not None and (w[1] is None or w[1] >= 0) and (w[0] is None or w[0] >= Lk - 1)
-
-
 class MultiHeadAttention(AttentionModule):
     """Multi-head attention, self or cross, with grouped-query (GQA) and multi-query (MQA) attention.
 
@@ -202,13 +195,10 @@ class MultiHeadAttention(AttentionModule):
                 raise ValueError("MultiHeadAttention: a KVCache is for self-attention; use CrossAttentionKVCache for cross")
             seen = cache.seen
             k, v, positions = cache.update(k, v)
-            m = as_mask(mask)
-            sm = as_score_mod(score_mod)
-            if L == 1 and m is not None and _covers_all(m, k.shape[2]):
-                m = None  # one query at the last position sees every cached key
-            if positions is not None and (m is not None or sm is not None):
-                m, sm = at_positions(m, sm, B, H, L, positions, seen + L)
-            mask, score_mod = m, sm
+            if positions is not None and (mask is not None or score_mod is not None):
+                # keys out of order: the mask and score mod re-expressed on their positions. In order,
+                # qkv.attention drops a mask that lets the step see every cached key (Mask.allows_all)
+                mask, score_mod = at_positions(as_mask(mask), as_score_mod(score_mod), B, H, L, positions, seen + L)
         out = self.attend(q, k, v, mask=mask, score_mod=score_mod, dropout_p=self._p())
         return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
 

@@ -351,8 +351,9 @@ def at_positions(
     The mask and score mod are defined on queries ``0 .. Lq-1`` standing at absolute positions
     ``end - Lq .. end - 1`` and keys ``0 .. end - 1`` (bottom-right alignment with ``Lk = end``).
     ``positions (Lk',)`` says which absolute key each cached key is; the result is a dense mask
-    ``(B|1, H|1, Lq, Lk')`` and, for a score mod, an additive bias of that shape (or a function that
-    looks positions up, for non-additive mods).
+    ``(B|1, H|1, Lq, Lk')`` (``None`` when it allows every pair: the keys a sliding-window cache keeps
+    under its window) and, for a score mod, an additive bias of that shape (or a function that looks
+    positions up, for non-additive mods).
     """
     s = Shape(B, H, Lq, end, positions.device)
     dev = positions.device
@@ -367,7 +368,10 @@ def at_positions(
         m = torch.as_tensor(m, device=dev, dtype=torch.bool)
         while m.dim() < 4:
             m = m.unsqueeze(0)
-        new_mask = from_dense(m.expand(*m.shape[:2], Lq, positions.numel()))
+        # a mask that allows every kept key at its position (a ring buffer within its window) is no
+        # mask: read from the values just computed, so exact (not while traced: no value is read there)
+        if torch.compiler.is_compiling() or not bool(m.all()):
+            new_mask = from_dense(m.expand(*m.shape[:2], Lq, positions.numel()))
     new_mod: ScoreMod | None = None
     if score_mod is not None:
         score_mod.check(s)
