@@ -21,10 +21,13 @@ def _python(code: str) -> str:
     return r.stdout
 
 
-def test_import_qkv_loads_no_module_layer_and_no_plotting():
+@pytest.mark.slow
+def test_import_qkv_loads_no_module_layer_no_plotting_and_no_dynamo():
     out = _python(
         "import sys, qkv\n"
-        "heavy = ('qkv.nn', 'qkv.models', 'qkv.analysis', 'qkv.apps', 'matplotlib', 'tokenizers', 'safetensors')\n"
+        # torch._dynamo: seconds of import, paid by every spawned rank and command if qkv loaded it
+        "heavy = ('qkv.nn', 'qkv.models', 'qkv.analysis', 'qkv.apps', 'matplotlib', 'tokenizers', 'safetensors',"
+        " 'torch._dynamo')\n"
         "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
         "print(qkv.nn.MultiHeadAttention.__name__, qkv.models.GPT.__name__, qkv.analysis.capture.__name__,"
         " qkv.distributed.SequenceParallelAttention.__name__)\n"

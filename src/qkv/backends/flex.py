@@ -394,27 +394,29 @@ def _graphs() -> int:
         return -1
 
 
-_LIMIT_NAME = next(
-    (n for n in ("recompile_limit", "cache_size_limit") if hasattr(getattr(torch, "_dynamo", None), "config")
-     and hasattr(torch._dynamo.config, n)),
-    None,
-)  # fmt: skip
+@functools.cache
+def _limit_name() -> str | None:
+    """The name of dynamo's per-function recompile limit in this torch (renamed in 2.6), or None. Read on
+    first use, not at import: ``torch._dynamo`` costs seconds to import, and ``import qkv`` stays without it
+    (every spawned rank and command pays for that import)."""
+    cfg = torch._dynamo.config
+    return next((n for n in ("recompile_limit", "cache_size_limit") if hasattr(cfg, n)), None)
 
 
 @contextlib.contextmanager
 def _recompile_limit() -> Iterator[None]:
     """Raise dynamo's per-function recompile limit to :data:`RECOMPILE_LIMIT` for qkv's own call
     (set and restored directly: ``config.patch`` costs more than a small kernel)."""
-    cfg = torch._dynamo.config
-    old = getattr(cfg, _LIMIT_NAME) if _LIMIT_NAME else RECOMPILE_LIMIT
-    if old >= RECOMPILE_LIMIT:
+    cfg, name = torch._dynamo.config, _limit_name()
+    old = getattr(cfg, name) if name else RECOMPILE_LIMIT
+    if name is None or old >= RECOMPILE_LIMIT:
         yield
         return
-    setattr(cfg, _LIMIT_NAME, RECOMPILE_LIMIT)  # type: ignore[arg-type]
+    setattr(cfg, name, RECOMPILE_LIMIT)
     try:
         yield
     finally:
-        setattr(cfg, _LIMIT_NAME, old)  # type: ignore[arg-type]
+        setattr(cfg, name, old)
 
 
 @functools.cache

@@ -284,10 +284,11 @@ class _Outside(Backend):
         self.backend = backend
 
     def run(self, req: Request, plan: Any = None) -> Tensor | tuple[Tensor, Tensor]:
-        return _run_outside(self.backend, req)
+        # disabled here, where dynamo is already tracing, not with a decorator: that would import
+        # torch._dynamo (seconds) with qkv, in every process, spawned ranks and commands included
+        return torch.compiler.disable(_run_outside)(self.backend, req)  # type: ignore[no-any-return]
 
 
-@torch.compiler.disable  # type: ignore[misc]
 def _run_outside(backend: str, req: Request) -> Tensor | tuple[Tensor, Tensor]:
     impl, plan = resolve(req, backend)
     return impl.run(req, plan)
