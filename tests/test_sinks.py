@@ -210,6 +210,7 @@ def test_three_dim_inputs_take_sinks_per_head():
     torch.testing.assert_close(qkv.attention(q, k, k, sinks=s), qkv.attention(q[None], k[None], k[None], sinks=s)[0])
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(sink_problems(dtypes=[torch.float32, torch.float64]))
 def test_flex_adds_sinks_after_its_kernel(p):

@@ -96,6 +96,7 @@ def test_unknown_model_is_refused_through_the_cli(tmp_path, capsys):
     assert "unknown model 'gpt-17'" in err and "minilm" in err
 
 
+@pytest.mark.slow
 def test_inspect_runs_a_hugging_face_checkpoint_folder_on_qkv(tmp_path, capsys):
     """``--model DIR``: MiniLM's own folder through transformers on "qkv" gives the heads of the default run."""
     from qkv.models import minilm_path

@@ -16,6 +16,7 @@ from qkv.models import minilm_path
 SHORT = "The cat sat on the mat."
 
 
+@pytest.mark.slow
 def test_inspect_faithfulness_against_an_independent_computation(tmp_path, capsys):
     """--faithfulness: faithfulness.csv has one row per pair of methods; the leave-one-out and attention rows the
     viewer shows equal Hugging Face's BERT on the same checkpoint (token dropped, mean-pooled, cosine), and the

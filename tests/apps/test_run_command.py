@@ -27,6 +27,7 @@ def _qkv_without(module: str, argv: list[str], cwd: str) -> subprocess.Completed
     ("module", "argv", "package"),
     [("num2words", ["demo", "--quick"], "num2words"), ("sklearn", ["train", "vit", "--quick"], "scikit-learn")],
 )
+@pytest.mark.slow
 def test_missing_extra_exits_2_with_one_line(tmp_path, module, argv, package):
     r = _qkv_without(module, argv + ["--out", str(tmp_path / "out")], str(tmp_path))
     assert r.returncode == 2, r.stderr

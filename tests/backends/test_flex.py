@@ -75,6 +75,7 @@ def test_every_mask_kind_meets_the_oracle(kind):
     check_backend("flex", q, k, v, grad=False, mask=mask, score_mod=sm, options=EAGER)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(problems(dtypes=[torch.float32, torch.float64, torch.bfloat16], max_len=40, max_window=9), st.integers(0, 3))
 def test_drawn_problems_meet_the_oracle(p, which):
@@ -105,6 +106,7 @@ def test_logsumexp_is_returned():
     torch.testing.assert_close(out, qkv.attention(q, k, v, mask=mask, score_mod=S.alibi(4), backend="reference"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile", [False, True])
 def test_weights_on_demand_match_the_reference(compile):
     torch.manual_seed(2)
@@ -137,6 +139,7 @@ def compiled_window():
     return q, k, v, mask
 
 
+@pytest.mark.slow
 def test_compiled_kernel_meets_the_oracle_and_is_reused(compiled_window):
     q, k, v, _ = compiled_window
     built, compiles, calls, graphs = FX.STATS.block_masks, FX.STATS.compiles, FX.STATS.calls, FX._graphs()
@@ -147,6 +150,7 @@ def test_compiled_kernel_meets_the_oracle_and_is_reused(compiled_window):
     assert FX.STATS.calls == calls + 2
 
 
+@pytest.mark.slow
 def test_compiled_half_precision_scores_and_empty_rows():
     torch.manual_seed(4)
     q, k, v = (torch.randn(2, 2, 150, 16).to(torch.bfloat16) for _ in range(3))

@@ -110,6 +110,7 @@ def _errors(fn, q, k, v, dout):
     return {name: (e, b) for name, e, b, _ in errors(fn(), q, k, v, dout, mask=torch.ones(512, 512).tril().bool())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_backward_with_grouped_heads_holds_where_the_kernel_alone_does_not(dtype):
     """PyTorch's CPU flash backward, called once with grouped heads (B=2, H=8, Hkv=2, 512 tokens,

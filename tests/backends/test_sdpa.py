@@ -152,7 +152,7 @@ def test_dropout_applies_on_the_dense_mask_path_too():
     torch.testing.assert_close(runs.mean(0), exact, atol=0.1, rtol=0)
 
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_training_with_grouped_heads_meets_the_rule(monkeypatch, dtype):
     """Grouped-query training in half precision: B=2, H=8, Hkv=2, 512 tokens, D=128, causal. Straight

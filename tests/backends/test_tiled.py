@@ -347,6 +347,7 @@ def test_half_precision_goes_to_the_fused_kernel_as_it_is(monkeypatch, dtype, ma
     assert {d for _, d in seen} == {torch.float32}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_training_with_grouped_heads_meets_the_rule(dtype):
     """Grouped-query training in half precision (B=2, H=8, Hkv=2, 512 tokens, D=128, causal): PyTorch's

@@ -136,6 +136,7 @@ def test_parameter_counts_are_matched(width):
         assert abs(c - counts["exact"]) <= 0.01 * counts["exact"], (m, counts)
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path):
     # one length, one seed, exact attention, 100 steps (about 5 CPU-seconds): it must recall far above
     # chance (0.8%) and above copying a random value from the context (12.5% with 8 pairs); seeds 0-2 gave 94-100%

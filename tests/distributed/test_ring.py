@@ -44,6 +44,7 @@ def _launch(scenario: str, world: int, tmp_path: Path, timeout: float, extra_env
     return [p.returncode for p in procs], outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_and_ulysses_match_reference(world: int, tmp_path: Path) -> None:
     codes, outs = _launch("check", world, tmp_path, timeout=120)
@@ -52,6 +53,7 @@ def test_ring_and_ulysses_match_reference(world: int, tmp_path: Path) -> None:
         assert out.count("ok ") == 18 + 2 * (world == 4), out  # + subgroup cases on 4 ranks
 
 
+@pytest.mark.slow
 def test_ring_with_large_scores(tmp_path: Path) -> None:
     """Scores of 1e2, 1e4, 1e8 (float32, bfloat16) merged across 2 ranks: finite, within the 2x rule."""
     codes, outs = _launch("large", 2, tmp_path, timeout=180)
@@ -60,6 +62,7 @@ def test_ring_with_large_scores(tmp_path: Path) -> None:
         assert out.count("ok large ") == 3 * 2 * 3, out
 
 
+@pytest.mark.slow
 def test_a_failing_rank_fails_every_rank_fast(tmp_path: Path) -> None:
     codes, outs = _launch("fail", 2, tmp_path, timeout=60, extra_env={"QKV_TEST_TIMEOUT": "3"})
     for r, (c, out) in enumerate(zip(codes, outs)):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ring_gpt.py"
 ARGS = ["--steps", "5", "--seq-len", "32"]
 
@@ -53,6 +55,7 @@ def _losses(procs: list[subprocess.Popen[str]]) -> list[float]:
     return [float(x) for x in re.findall(r"loss (\d+\.\d+)", outs[0])]
 
 
+@pytest.mark.slow
 def test_ring_gpt_example() -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE)]
     ring2 = [

@@ -183,6 +183,7 @@ def test_fullgraph_training_step_on_the_sdpa_path() -> None:
             torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
+@pytest.mark.slow
 def test_fullgraph_with_inductor_matches_the_formula() -> None:
     """The one inductor compile of this file: a sliding window with documents, on the sdpa path."""
     model = gpt(window=16)

@@ -65,6 +65,7 @@ def test_without_espeak_the_command_exits_2(monkeypatch, capsys):
     assert err.count("\n") == 0 and "apt-get install -y espeak-ng" in err
 
 
+@pytest.mark.slow
 @needs_espeak
 def test_seeded_runs_repeat_exactly():
     a = train(quick=True, seed=1, cfg=TINY)

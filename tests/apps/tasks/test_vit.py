@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from qkv.apps.tasks import train_task
 from qkv.apps.tasks.vit import load_digits_split
 
 
+@pytest.mark.slow
 def test_vit_quick_loss_falls(tmp_path):
     r = train_task("vit", out=str(tmp_path), quick=True, seed=0)
     assert sum(r.losses[-5:]) / 5 < sum(r.losses[:5]) / 5
