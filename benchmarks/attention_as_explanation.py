@@ -110,11 +110,14 @@ def translator(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:  # the demo's --quick data and sizes (a smoke run, not the README's figures)
         q = DemoConfig.quick()
         cfg = DemoConfig(
-            n_train=q.n_train, n_test=q.n_test, hidden=q.hidden, lr_transformer=q.lr_transformer, eval_every=q.eval_every,
+            n_train=q.n_train, n_test=args.n_test or q.n_test, hidden=q.hidden, lr_transformer=q.lr_transformer, eval_every=q.eval_every,
             steps={"rnn": 1, "rnn+attention": args.steps, "transformer": args.steps},
         )  # fmt: skip
     else:
-        cfg = DemoConfig(steps={"rnn": 1, "rnn+attention": args.steps, "transformer": args.steps})
+        cfg = DemoConfig(
+            n_test=args.n_test or DemoConfig.n_test,
+            steps={"rnn": 1, "rnn+attention": args.steps, "transformer": args.steps},
+        )
     t0 = time.perf_counter()
     trained, test, sv, tv = train_models(cfg, args.seed)
     train_s = time.perf_counter() - t0
@@ -406,6 +409,7 @@ def main() -> None:
         "--steps", type=int, default=1000, help="training steps of each translator (the demo's full run: 1000)"
     )
     p.add_argument("--quick", action="store_true", help="translator: the demo's small --quick data set and sizes")
+    p.add_argument("--n-test", type=int, default=None, help="translator: held-out translations (default: the demo's)")
     p.add_argument("--examples", type=int, default=200, help="held-out translations explained")
     p.add_argument("--tvd-examples", type=int, default=300, help="held-out examples for the output-change measure")
     p.add_argument("--ig-steps", type=int, default=16)

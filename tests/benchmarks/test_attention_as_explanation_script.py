@@ -14,11 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_every_part_runs_and_writes_its_figures(tmp_path):
     pytest.importorskip("num2words")  # the demo's data (extra demo)
     out = tmp_path / "f.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "attention_as_explanation.py"), "--quick", "--steps", "3", "--examples", "2",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "attention_as_explanation.py"), "--quick", "--steps", "3", "--n-test", "20", "--examples", "2",
            "--tvd-examples", "8", "--ig-steps", "2", "--sentences", "1", "--lm-steps", "2", "--every", "1",
            "--copy-steps", "2", "--every-copy", "1", "--json", str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=900)

@@ -50,9 +50,10 @@ class DemoConfig:
     @staticmethod
     def quick() -> DemoConfig:
         return DemoConfig(
-            n_train=4000,
+            n_train=2000,
             n_test=300,
-            steps={"rnn": 150, "rnn+attention": 150, "transformer": 150},
+            steps={"rnn": 100, "rnn+attention": 100, "transformer": 100},
+            batch=32,
             eval_every=50,
             hidden=96,
             lr_transformer=3e-3,

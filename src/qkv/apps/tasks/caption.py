@@ -54,7 +54,7 @@ class CaptionConfig:
 
     @staticmethod
     def quick() -> CaptionConfig:
-        return CaptionConfig(enc_layers=2, steps=400, n_test=300)
+        return CaptionConfig(enc_layers=1, dec_layers=1, steps=400, n_test=300)
 
 
 class PatchEncoder(nn.Module):

@@ -88,7 +88,7 @@ class SpeechConfig:
     @staticmethod
     def quick() -> SpeechConfig:
         return SpeechConfig(
-            n_train=800, n_test=150, max_digits=5, dim=64, enc_layers=2, steps=250, buckets=((1, 2), (3, 4), (5, 5))
+            n_train=500, n_test=150, max_digits=5, dim=64, enc_layers=2, steps=150, buckets=((1, 2), (3, 4), (5, 5))
         )
 
 
