@@ -17,6 +17,36 @@ from .base import Mask, Shape, _as_index_tensor, _Or, _tracing, tensor_key
 from .positional import PositionalMask, causal
 
 
+def _check_per_row(t: Tensor, what: str, unit: str, s: Shape, axis: str = "k", bounded: bool = True) -> None:
+    """``t`` is a scalar or holds one ``unit`` per batch row, each in ``[0, L]`` (``L``: ``Lk`` or ``Lq`` by
+    ``axis``; no upper bound unless ``bounded``); a ``ValueError`` naming ``what`` otherwise."""
+    L = s.Lk if axis == "k" else s.Lq
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, s.B)):
+        raise ValueError(
+            f"{what} must be an int or hold one {unit} per batch row: got shape {tuple(t.shape)}"
+            f" for batch size B={s.B}"
+        )
+    if t.numel() and not _tracing() and (int(t.min()) < 0 or (bounded and int(t.max()) > L)):
+        raise ValueError(
+            f"{what} must lie in [0, {L}] ({'Lk' if axis == 'k' else 'Lq'}={L}),"
+            f" got values in [{int(t.min())}, {int(t.max())}]"
+        )
+
+
+def _of_row(t: Tensor, b: Tensor) -> Tensor:
+    """The value of batch row ``b`` (a scalar ``t``, or one of length 1, holds for every row)."""
+    t = t.to(b.device)
+    if t.dim() == 0:
+        return t
+    return t[0] if t.shape[0] == 1 else t[b]
+
+
+def _against_tiles(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, shaped to broadcast against ``(B, H, nq, nk)`` tile bounds."""
+    t = t.to(device)
+    return t.view(-1, 1, 1, 1) if t.dim() == 1 else t
+
+
 class _KeyBelow(PositionalMask):
     """Keys ``j < n`` (per batch row when ``n`` is a ``(B,)`` tensor); raw key indices. Lengths are
     global, so the mask shards as it is."""
@@ -29,35 +59,14 @@ class _KeyBelow(PositionalMask):
         return None if n is None else ("below", self.axis, self.bounded, n)
 
     def check(self, s: Shape) -> None:
-        n = self.n
-        L = s.Lk if self.axis == "k" else s.Lq
-        if n.dim() > 1 or (n.dim() == 1 and n.shape[0] not in (1, s.B)):
-            raise ValueError(
-                f"{self.what} must be an int or hold one length per batch row: got shape {tuple(n.shape)}"
-                f" for batch size B={s.B}"
-            )
-        if n.numel() and not _tracing() and (int(n.min()) < 0 or (self.bounded and int(n.max()) > L)):
-            raise ValueError(
-                f"{self.what} must lie in [0, {L}] ({'Lk' if self.axis == 'k' else 'Lq'}={L}),"
-                f" got values in [{int(n.min())}, {int(n.max())}]"
-            )
-
-    def _n(self, b: Tensor) -> Tensor:
-        n = self.n.to(b.device)
-        if n.dim() == 0:
-            return n
-        if n.shape[0] == 1:
-            return n[0]
-        return n[b]
+        _check_per_row(self.n, self.what, "length", s, self.axis, self.bounded)
 
     def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         idx = k if self.axis == "k" else q
-        return (idx < self._n(b)) & torch.ones_like(q + k, dtype=torch.bool)
+        return (idx < _of_row(self.n, b)) & torch.ones_like(q + k, dtype=torch.bool)
 
     def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        n = self.n.to(qlo.device)
-        if n.dim() == 1:
-            n = n.view(-1, 1, 1, 1)
+        n = _against_tiles(self.n, qlo.device)
         lo, hi = (klo, khi) if self.axis == "k" else (qlo, qhi)
         shape_ref = torch.zeros_like(qlo + klo)
         return (lo < n) | (shape_ref > 0), ((hi - 1) < n) | (shape_ref > 0)
@@ -100,31 +109,13 @@ class _KeyFrom(PositionalMask):
         return None if st is None else ("from", st)
 
     def check(self, s: Shape) -> None:
-        st = self.start
-        if st.dim() > 1 or (st.dim() == 1 and st.shape[0] not in (1, s.B)):
-            raise ValueError(
-                f"left_padding: starts must be an int or hold one start per batch row: got shape {tuple(st.shape)}"
-                f" for batch size B={s.B}"
-            )
-        if st.numel() and not _tracing() and (int(st.min()) < 0 or int(st.max()) > s.Lk):
-            raise ValueError(
-                f"left_padding: starts must lie in [0, {s.Lk}] (Lk={s.Lk}), got values in"
-                f" [{int(st.min())}, {int(st.max())}]"
-            )
-
-    def _start(self, b: Tensor) -> Tensor:
-        st = self.start.to(b.device)
-        if st.dim() == 0:
-            return st
-        return st[0] if st.shape[0] == 1 else st[b]
+        _check_per_row(self.start, "left_padding: starts", "start", s)
 
     def evaluate(self, s: Shape, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return (k >= self._start(b)) & torch.ones_like(q + k, dtype=torch.bool)
+        return (k >= _of_row(self.start, b)) & torch.ones_like(q + k, dtype=torch.bool)
 
     def bounds(self, s: Shape, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor) -> tuple[Tensor, Tensor]:
-        st = self.start.to(qlo.device)
-        if st.dim() == 1:
-            st = st.view(-1, 1, 1, 1)
+        st = _against_tiles(self.start, qlo.device)
         shape_ref = torch.zeros_like(qlo + klo)
         return ((khi - 1) >= st) | (shape_ref > 0), (klo >= st) | (shape_ref > 0)
 
