@@ -6,19 +6,9 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transformers: no test downloads
 
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-"""How many pytest processes share this machine's cores (1 without xdist)."""
-
-THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
-"""Threads of each: the cores shared out, so that workers never queue for a core."""
-
-if WORKERS > 1:  # numpy's BLAS, OpenMP and what tests spawn too (torch's own count is set per test below)
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, str(THREADS))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -27,20 +17,27 @@ settings.register_profile(
 )
 settings.load_profile("qkv")
 
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+"""How many pytest processes share this machine's cores (1 without xdist)."""
+
+THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+"""torch threads of each: the cores shared out, so that workers never queue for a core."""
+
 
 @pytest.fixture(autouse=True)
-def _same_start_whatever_ran_before():
-    """Every test starts from the same state, whichever worker runs it and whatever ran there before: the
-    global random generators seeded, and torch's thread count (which some tests lower) restored."""
+def _same_start_whatever_ran_before() -> None:
+    """Every test starts from the same state, whichever worker runs it and whatever ran there before:
+    torch's generator seeded, and torch's thread count (which some tests lower) restored."""
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
-    yield
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests (``@pytest.mark.slow``, a minute of CPU or less each) first, so that the workers start
-    on them and end together on the fast ones instead of one worker finishing a long test alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+    """The files that hold a slow test (``@pytest.mark.slow``, a minute of CPU or less each) first, so that
+    the workers start on them and end together on fast ones instead of one worker finishing a long test
+    alone. Each file moves whole, in its own order: a module fixture (a compiled kernel) is built once."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True, scope="session")
