@@ -16,9 +16,13 @@ from qkv.apps.tasks.spoken import (
     N_MELS,
     SAMPLE_RATE,
     Utterance,
+    hz_to_mel,
     log_mel,
     make_utterances,
+    mel_filterbank,
+    mel_to_hz,
     synthesize,
+    trim_silence,
     utterance_features,
 )
 
@@ -42,21 +46,54 @@ def test_make_utterances_is_seeded_and_in_range():
 
 
 def test_log_mel_of_a_tone_peaks_in_its_band():
-    """A 1 kHz tone: the loudest mel band is the one whose centre is nearest 1 kHz (librosa's own mel scale)."""
-    import librosa
-
+    """A 1 kHz tone: the loudest mel band is the one whose centre is nearest 1 kHz, the centres spaced
+    evenly on Slaney's scale (1 kHz = 15 mel, linear below it, 27 mel per factor 6.4 above)."""
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
     y = (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
     x = log_mel(y)
     assert x.shape == (SAMPLE_RATE // HOP + 1, N_MELS) and x.dtype == np.float32
     np.testing.assert_allclose(x.mean(0), 0, atol=1e-4)  # each band normalised over the utterance
-    m = librosa.feature.melspectrogram(
-        y=y, sr=SAMPLE_RATE, n_fft=512, hop_length=HOP, n_mels=N_MELS, fmin=60.0, fmax=8000.0
-    )
-    centres = librosa.mel_frequencies(N_MELS + 2, fmin=60.0, fmax=8000.0)[1:-1]
-    assert int(m.mean(1).argmax()) == int(np.abs(centres - 1000).argmin())
+    lo, hi = 3 * 60.0 / 200, 15 + 27 * np.log(8000 / 1000) / np.log(6.4)  # 60 Hz and 8 kHz in mel
+    centres = np.linspace(lo, hi, N_MELS + 2)[1:-1]
+    bank = mel_filterbank(SAMPLE_RATE, 512, N_MELS, 60.0, 8000.0)
+    tone_bin = round(1000 * 512 / SAMPLE_RATE)
+    assert int(bank[:, tone_bin].argmax()) == int(np.abs(centres - 15.0).argmin())
+    np.testing.assert_allclose(hz_to_mel(np.array([500.0, 1000.0, 6400.0])), [7.5, 15.0, 42.0])
+    np.testing.assert_allclose(mel_to_hz(hz_to_mel(np.array([60.0, 999.0, 1001.0, 8000.0]))), [60, 999, 1001, 8000])
     with pytest.raises(ValueError, match="1-D"):
         log_mel(np.zeros((2, 10), np.float32))
+
+
+def test_trim_keeps_the_loud_part():
+    """Silence, a tone, silence: what is kept starts within a hop of the tone and ends within a hop
+    after it; all-zero input is kept whole (its every frame is as loud as the loudest)."""
+    t = np.arange(SAMPLE_RATE // 2) / SAMPLE_RATE
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    gap = np.zeros(SAMPLE_RATE // 4, np.float32)
+    kept = trim_silence(np.concatenate([gap, tone, gap]))
+    assert len(tone) - 2 * 512 <= len(kept) <= len(tone) + 2 * HOP + 512
+    assert np.abs(kept).max() == np.abs(tone).max()
+    assert len(trim_silence(np.zeros(1000, np.float32))) == 1000
+
+
+@pytest.mark.slow  # librosa's numba functions compile on a machine's first run (~13 s)
+@needs_espeak
+def test_log_mel_equals_librosa():
+    """The oracle: librosa's trim + melspectrogram with the same settings, on speech and on noise."""
+    librosa = pytest.importorskip("librosa")
+    bank = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=512, n_mels=N_MELS, fmin=60.0, fmax=8000.0)
+    np.testing.assert_allclose(mel_filterbank(SAMPLE_RATE, 512, N_MELS, 60.0, 8000.0), bank, rtol=1e-5, atol=1e-9)
+    rng = np.random.default_rng(0)
+    noise = (rng.standard_normal(9000) * np.linspace(0, 1, 9000) ** 4).astype(np.float32)  # a slow fade-in
+    signals = [synthesize(u) for u in make_utterances(6, 4, ["en-us+m1", "en-gb+f3", "en-029+klatt"], seed=5)]
+    for y in [*signals, noise]:
+        kept, (start, end) = librosa.effects.trim(y, top_db=40, frame_length=512, hop_length=HOP)
+        np.testing.assert_array_equal(trim_silence(y), y[start:end])
+        m = librosa.feature.melspectrogram(
+            y=kept, sr=SAMPLE_RATE, n_fft=512, hop_length=HOP, n_mels=N_MELS, fmin=60.0, fmax=8000.0
+        )
+        x = np.log(m + 1e-6).T
+        np.testing.assert_allclose(log_mel(y), (x - x.mean(0)) / (x.std(0) + 1e-3), atol=2e-5)
 
 
 def test_missing_espeak_is_a_clear_error(monkeypatch):

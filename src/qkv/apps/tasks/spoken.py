@@ -6,15 +6,17 @@ Each utterance is a random string of digit words spoken by one *voice* (an ``esp
 ``espeak-ng --stdout`` writes 16-bit mono WAV at 22050 Hz; we never touch the disk for audio and run a
 few ``espeak-ng`` processes at once (each call costs ~15 ms of CPU, mostly start-up).
 
-Features come from librosa (``librosa.feature.melspectrogram``: 40 mel bands, 23 ms windows, 10 ms hop,
-then log and per-utterance mean/variance normalisation). We use librosa rather than torchaudio because
-torchaudio's wheels are built against one exact torch release and none matches our pinned torch 2.13 CPU
-build; librosa depends only on numpy/scipy. The features of a whole data set are cached in one ``.npz``
+Features are log-mel spectrograms (40 mel bands on Slaney's scale, 23 ms Hann windows, 10 ms hop, silence
+trimmed at 40 dB below the loudest frame, then log and per-utterance mean/variance normalisation), computed
+here with numpy's FFT: the same numbers as ``librosa.feature.melspectrogram`` (``tests/apps/tasks/test_spoken.py``
+compares them), without librosa's numba functions, which compile for 13 s on a machine's first run.
+The features of a whole data set are cached in one ``.npz``
 (keyed by a hash of the utterance list and the feature settings) so a second run skips synthesis.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -36,9 +38,13 @@ __all__ = [
     "VARIANTS",
     "Utterance",
     "espeak_available",
+    "hz_to_mel",
     "log_mel",
     "make_utterances",
+    "mel_filterbank",
+    "mel_to_hz",
     "synthesize",
+    "trim_silence",
     "utterance_features",
 ]
 
@@ -113,18 +119,61 @@ def synthesize(u: Utterance) -> np.ndarray:
     return np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
 
 
+def hz_to_mel(f: np.ndarray | float) -> np.ndarray:
+    """Slaney's mel scale (Auditory Toolbox): linear below 1 kHz (``3 f / 200``), logarithmic above
+    (``15 + 27 ln(f / 1000) / ln 6.4``), so 1 kHz is 15 mel and 6.4 kHz is 42."""
+    f = np.asarray(f, dtype=np.float64)
+    log_part = 15.0 + 27.0 * np.log(np.maximum(f, 1e-10) / 1000.0) / np.log(6.4)
+    return np.where(f >= 1000.0, log_part, 3.0 * f / 200.0)
+
+
+def mel_to_hz(m: np.ndarray | float) -> np.ndarray:
+    """The inverse of :func:`hz_to_mel`."""
+    m = np.asarray(m, dtype=np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp((m - 15.0) * np.log(6.4) / 27.0), 200.0 * m / 3.0)
+
+
+def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """``(n_mels, n_fft // 2 + 1)`` triangular filters, one per mel band, over the FFT bins' frequencies.
+
+    Band ``i`` rises from centre ``i - 1`` to its peak at centre ``i`` and falls to centre ``i + 1``, the
+    ``n_mels + 2`` centres evenly spaced in mel between ``fmin`` and ``fmax``; each triangle is scaled by
+    ``2 / (its width in Hz)`` so every band gathers about the same energy from white noise (Slaney's norm)."""
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))  # (n_mels + 2,) Hz
+    bins = np.fft.rfftfreq(n_fft, 1.0 / sr)  # (n_fft // 2 + 1,) Hz
+    rise = (bins - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]  # (n_mels, bins)
+    fall = (edges[2:, None] - bins) / (edges[2:] - edges[1:-1])[:, None]
+    return np.maximum(0.0, np.minimum(rise, fall)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+
+
+def _frames(y: np.ndarray, n: int, hop: int) -> np.ndarray:
+    """``(1 + len(y) // hop, n)`` windows of ``y`` zero-padded by ``n // 2`` at both ends, the ``t``-th
+    centred on sample ``t * hop``."""
+    padded = np.pad(y, n // 2)
+    return np.lib.stride_tricks.sliding_window_view(padded, n)[::hop]
+
+
+def trim_silence(y: np.ndarray, top_db: float = 40.0, frame: int = N_FFT, hop: int = HOP) -> np.ndarray:
+    """``y`` without its leading and trailing frames quieter than ``top_db`` below the loudest frame
+    (frame loudness: the RMS of ``frame`` samples centred every ``hop``; kept samples run from the first
+    loud frame's centre to one hop past the last's)."""
+    power = np.mean(np.square(_frames(y.astype(np.float64), frame, hop)), axis=1)  # (frames,) mean square
+    db = 10.0 * np.log10(np.maximum(power, 1e-10) / max(float(power.max()), 1e-10))
+    loud = np.flatnonzero(db > -top_db)  # never empty: the loudest frame is 0 dB
+    return y[loud[0] * hop : min(len(y), (loud[-1] + 1) * hop)]
+
+
 def log_mel(y: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Log-mel spectrogram ``(frames, N_MELS)`` float32 of samples ``y`` (silence trimmed at both ends,
-    each band normalised to zero mean and unit variance over the utterance)."""
-    import librosa
-
+    each band normalised to zero mean and unit variance over the utterance); ``frames`` is
+    ``1 + len(trimmed) // HOP``."""
     if y.ndim != 1 or len(y) == 0:
         raise ValueError(f"log_mel: y must be a non-empty 1-D array of samples, got shape {y.shape}")
-    y, _ = librosa.effects.trim(y, top_db=40, frame_length=N_FFT, hop_length=HOP)
-    m = librosa.feature.melspectrogram(
-        y=y, sr=sr, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS, fmin=60.0, fmax=8000.0, center=True
-    )
-    x = np.log(m + 1e-6).T
+    y = trim_silence(y)
+    window = np.hanning(N_FFT + 1)[:-1]  # the periodic Hann window of the FFT's length
+    power = np.abs(np.fft.rfft(_frames(y.astype(np.float64), N_FFT, HOP) * window, axis=1)) ** 2  # (frames, bins)
+    m = power @ mel_filterbank(sr, N_FFT, N_MELS, 60.0, 8000.0).T  # (frames, N_MELS)
+    x = np.log(m + 1e-6)
     x = (x - x.mean(0)) / (x.std(0) + 1e-3)
     return x.astype(np.float32)
 
@@ -136,6 +185,15 @@ def _features(u: Utterance) -> np.ndarray:
 def _cache_key(utts: Sequence[Utterance]) -> str:
     spec = {"v": 1, "sr": SAMPLE_RATE, "mels": N_MELS, "hop": HOP, "fft": N_FFT, "utts": [asdict(u) for u in utts]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """numpy's BLAS held to one thread where threadpoolctl (scikit-learn's dependency) is installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def utterance_features(
@@ -157,12 +215,10 @@ def utterance_features(
         return np.split(flat.astype(np.float32), ends[:-1])
     if not espeak_available():
         raise RuntimeError(INSTALL_HINT)
-    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn, which librosa needs
-
     feats: list[np.ndarray] = []
     # one BLAS thread: the matrices are tiny and the utterances already run in parallel (multi-threaded
     # BLAS on them is 5x slower on a busy 2-core machine)
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with _one_blas_thread(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for f in pool.map(_features, utts):
             feats.append(f)
             if progress is not None:
