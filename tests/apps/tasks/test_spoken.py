@@ -118,6 +118,16 @@ def test_synthesis_is_deterministic_and_depends_on_the_voice():
     assert len(longer) > 1.5 * len(y)
 
 
+def test_cache_key_follows_the_utterances_and_every_feature_setting(monkeypatch):
+    utts = make_utterances(3, 2, ["en-us"], seed=0)
+    key = spoken._cache_key(utts)
+    for name, value in [("TOP_DB", 30.0), ("F_MIN", 50.0), ("F_MAX", 7000.0), ("HOP", 200), ("N_MELS", 32)]:
+        with monkeypatch.context() as m:
+            m.setattr(spoken, name, value)
+            assert spoken._cache_key(utts) != key, name
+    assert spoken._cache_key(utts) == key != spoken._cache_key(utts[:2])
+
+
 @needs_espeak
 def test_features_are_cached(tmp_path, monkeypatch):
     utts = make_utterances(6, 3, ["en-us+m2"], seed=0)

@@ -17,6 +17,7 @@ The features of a whole data set are cached in one ``.npz``
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -58,6 +59,8 @@ SAMPLE_RATE = 22050
 N_MELS = 40
 HOP = 220  # 10 ms at 22050 Hz
 N_FFT = 512  # 23 ms
+F_MIN, F_MAX = 60.0, 8000.0  # the mel bands' range, Hz
+TOP_DB = 40.0  # trim_silence's threshold below the loudest frame
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def _frames(y: np.ndarray, n: int, hop: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(padded, n)[::hop]
 
 
-def trim_silence(y: np.ndarray, top_db: float = 40.0, frame: int = N_FFT, hop: int = HOP) -> np.ndarray:
+def trim_silence(y: np.ndarray, top_db: float = TOP_DB, frame: int = N_FFT, hop: int = HOP) -> np.ndarray:
     """``y`` without its leading and trailing frames quieter than ``top_db`` below the loudest frame
     (frame loudness: the RMS of ``frame`` samples centred every ``hop``; kept samples run from the first
     loud frame's centre to one hop past the last's)."""
@@ -163,6 +166,17 @@ def trim_silence(y: np.ndarray, top_db: float = 40.0, frame: int = N_FFT, hop: i
     return y[loud[0] * hop : min(len(y), (loud[-1] + 1) * hop)]
 
 
+@functools.lru_cache(maxsize=4)
+def _spectrum_weights(sr: int) -> tuple[np.ndarray, np.ndarray]:
+    """The periodic Hann window ``(N_FFT,)`` and the filterbank ``(bins, N_MELS)`` that :func:`log_mel`
+    applies, built once per sample rate (read-only: they are shared)."""
+    window = np.hanning(N_FFT + 1)[:-1]
+    bank = mel_filterbank(sr, N_FFT, N_MELS, F_MIN, F_MAX).T
+    window.setflags(write=False)
+    bank.setflags(write=False)
+    return window, bank
+
+
 def log_mel(y: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Log-mel spectrogram ``(frames, N_MELS)`` float32 of samples ``y`` (silence trimmed at both ends,
     each band normalised to zero mean and unit variance over the utterance); ``frames`` is
@@ -170,9 +184,9 @@ def log_mel(y: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     if y.ndim != 1 or len(y) == 0:
         raise ValueError(f"log_mel: y must be a non-empty 1-D array of samples, got shape {y.shape}")
     y = trim_silence(y)
-    window = np.hanning(N_FFT + 1)[:-1]  # the periodic Hann window of the FFT's length
+    window, bank = _spectrum_weights(sr)
     power = np.abs(np.fft.rfft(_frames(y.astype(np.float64), N_FFT, HOP) * window, axis=1)) ** 2  # (frames, bins)
-    m = power @ mel_filterbank(sr, N_FFT, N_MELS, 60.0, 8000.0).T  # (frames, N_MELS)
+    m = power @ bank  # (frames, N_MELS)
     x = np.log(m + 1e-6)
     x = (x - x.mean(0)) / (x.std(0) + 1e-3)
     return x.astype(np.float32)
@@ -183,7 +197,18 @@ def _features(u: Utterance) -> np.ndarray:
 
 
 def _cache_key(utts: Sequence[Utterance]) -> str:
-    spec = {"v": 1, "sr": SAMPLE_RATE, "mels": N_MELS, "hop": HOP, "fft": N_FFT, "utts": [asdict(u) for u in utts]}
+    # v2: the features are numpy's since librosa's (equal to 3e-6, not to the bit), so v1 caches are not read
+    spec = {
+        "v": 2,
+        "sr": SAMPLE_RATE,
+        "mels": N_MELS,
+        "hop": HOP,
+        "fft": N_FFT,
+        "fmin": F_MIN,
+        "fmax": F_MAX,
+        "top_db": TOP_DB,
+        "utts": [asdict(u) for u in utts],
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
