@@ -1,5 +1,5 @@
 """``qkv train speech``: word error rate by hand, the encoder's shapes and padding, the missing-espeak exit,
-a seeded run repeats exactly, and a small run's attention model beats the one-vector baseline."""
+a seeded run repeats (to rounding), and a small run's attention model beats the one-vector baseline."""
 
 from __future__ import annotations
 
@@ -67,14 +67,19 @@ def test_without_espeak_the_command_exits_2(monkeypatch, capsys):
 
 @pytest.mark.slow
 @needs_espeak
-def test_seeded_runs_repeat_exactly():
+def test_seeded_runs_repeat():
+    """The same seed gives the same run, to rounding: the data, the initial weights, the batches and the
+    dropout all follow it. Not to the bit: in 2 of ~14 full runs of the suite (AMD EPYC, 2026-12), the
+    first of the two runs in a long-lived worker differed from the second by 3e-6 in one step's loss, and
+    no run in isolation ever did; a change of torch's thread count alone moves the losses by 2e-7 and the
+    weights by 5e-5. Another seed moves them by 6e-2 and 4.6."""
     a = train(quick=True, seed=1, cfg=TINY)
     b = train(quick=True, seed=1, cfg=TINY)
-    assert a.losses == b.losses and a.metric == b.metric and a.baseline == b.baseline
+    assert b.losses == pytest.approx(a.losses, rel=1e-4) and a.metric == b.metric and a.baseline == b.baseline
     assert a.model is not None and b.model is not None
     for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
-        assert torch.equal(p, q), name
-    assert a.losses != train(quick=True, seed=2, cfg=TINY).losses
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-3, msg=name)
+    assert train(quick=True, seed=2, cfg=TINY).losses != pytest.approx(a.losses, rel=1e-2)
 
 
 @needs_espeak
