@@ -44,21 +44,34 @@ def _launch(scenario: str, world: int, tmp_path: Path, timeout: float, extra_env
     return [p.returncode for p in procs], outs
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_ring_and_ulysses_match_reference(world: int, tmp_path: Path) -> None:
-    codes, outs = _launch("check", world, tmp_path, timeout=120)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[int], list[str]]:
+    """The ``check`` and ``large`` scenarios run by the same two ranks: one start of two processes
+    (torch, qkv and gloo: ~3 s of CPU each) instead of two."""
+    return _launch("check,large", 2, tmp_path_factory.mktemp("two_ranks"), timeout=240)
+
+
+def _each_rank_passed(codes: list[int], outs: list[str], world: int) -> None:
     for r, (c, out) in enumerate(zip(codes, outs)):
         assert c == 0, f"rank {r} of {world} failed:\n{out[-4000:]}"
-        assert out.count("ok ") == 18 + 2 * (world == 4), out  # + subgroup cases on 4 ranks
 
 
 @pytest.mark.slow
-def test_ring_with_large_scores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_and_ulysses_match_reference(world: int, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    codes, outs = request.getfixturevalue("two_ranks") if world == 2 else _launch("check", world, tmp_path, 120)
+    _each_rank_passed(codes, outs, world)
+    for out in outs:
+        checks = out.count("ok ") - out.count("ok large ")
+        assert checks == 18 + 2 * (world == 4), out  # + subgroup cases on 4 ranks
+
+
+@pytest.mark.slow
+def test_ring_with_large_scores(two_ranks: tuple[list[int], list[str]]) -> None:
     """Scores of 1e2, 1e4, 1e8 (float32, bfloat16) merged across 2 ranks: finite, within the 2x rule."""
-    codes, outs = _launch("large", 2, tmp_path, timeout=180)
-    for r, (c, out) in enumerate(zip(codes, outs)):
-        assert c == 0, f"rank {r} failed:\n{out[-4000:]}"
+    codes, outs = two_ranks
+    _each_rank_passed(codes, outs, 2)
+    for out in outs:
         assert out.count("ok large ") == 3 * 2 * 3, out
 
 
