@@ -76,6 +76,22 @@ def test_trim_keeps_the_loud_part():
     assert len(trim_silence(np.zeros(1000, np.float32))) == 1000
 
 
+def test_log_mel_follows_a_changed_setting(monkeypatch):
+    """The window and filterbank are built once per setting: a changed mel range or band count gives
+    the features of the new setting, computed here from the filterbank and the FFT in float64."""
+    y = np.random.default_rng(1).standard_normal(6000).astype(np.float32)
+    log_mel(y)  # the default setting's weights are built and cached
+    for name, value in [("F_MAX", 6000.0), ("F_MIN", 120.0), ("N_MELS", 24)]:
+        with monkeypatch.context() as m:
+            m.setattr(spoken, name, value)
+            kept = trim_silence(y).astype(np.float64)
+            frames = np.lib.stride_tricks.sliding_window_view(np.pad(kept, 256), 512)[::HOP]
+            power = np.abs(np.fft.rfft(frames * (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(512) / 512)), axis=1)) ** 2
+            x = np.log(power @ mel_filterbank(SAMPLE_RATE, 512, spoken.N_MELS, spoken.F_MIN, spoken.F_MAX).T + 1e-6)
+            want = (x - x.mean(0)) / (x.std(0) + 1e-3)
+            np.testing.assert_allclose(log_mel(y), want, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.slow  # librosa's numba functions compile on a machine's first run (~13 s)
 @needs_espeak
 def test_log_mel_equals_librosa():

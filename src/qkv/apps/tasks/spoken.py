@@ -167,11 +167,11 @@ def trim_silence(y: np.ndarray, top_db: float = TOP_DB, frame: int = N_FFT, hop:
 
 
 @functools.lru_cache(maxsize=4)
-def _spectrum_weights(sr: int) -> tuple[np.ndarray, np.ndarray]:
-    """The periodic Hann window ``(N_FFT,)`` and the filterbank ``(bins, N_MELS)`` that :func:`log_mel`
-    applies, built once per sample rate (read-only: they are shared)."""
-    window = np.hanning(N_FFT + 1)[:-1]
-    bank = mel_filterbank(sr, N_FFT, N_MELS, F_MIN, F_MAX).T
+def _spectrum_weights(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """The periodic Hann window ``(n_fft,)`` and the filterbank ``(bins, n_mels)`` that :func:`log_mel`
+    applies, built once per setting (keyed on every argument it is built from; read-only: they are shared)."""
+    window = np.hanning(n_fft + 1)[:-1]
+    bank = mel_filterbank(sr, n_fft, n_mels, fmin, fmax).T
     window.setflags(write=False)
     bank.setflags(write=False)
     return window, bank
@@ -184,7 +184,7 @@ def log_mel(y: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     if y.ndim != 1 or len(y) == 0:
         raise ValueError(f"log_mel: y must be a non-empty 1-D array of samples, got shape {y.shape}")
     y = trim_silence(y)
-    window, bank = _spectrum_weights(sr)
+    window, bank = _spectrum_weights(sr, N_FFT, N_MELS, F_MIN, F_MAX)
     power = np.abs(np.fft.rfft(_frames(y.astype(np.float64), N_FFT, HOP) * window, axis=1)) ** 2  # (frames, bins)
     m = power @ bank  # (frames, N_MELS)
     x = np.log(m + 1e-6)
